@@ -1,0 +1,3 @@
+"""fewshot: few-shot image classification with the MAML family of meta-learners."""
+
+__version__ = "0.1.0"

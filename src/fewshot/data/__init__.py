@@ -1,0 +1,1 @@
+"""Datasets, episode sampling and the Lightning data module."""

@@ -1,0 +1,140 @@
+"""The LightningDataModule serving episodes of a few-shot dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from fewshot.data.episodes import (
+    TEST_STREAM,
+    VALIDATION_STREAM,
+    EvaluationEpisodes,
+    MetaBatches,
+    StepSampler,
+)
+from fewshot.data.omniglot import Omniglot
+
+DATASETS = {"omniglot": Omniglot}
+
+
+def default_root(dataset: str) -> Path:
+    """``$FEWSHOT_DATA_ROOT/<dataset>`` if the variable is set, else ``./data/<dataset>``."""
+    return Path(os.environ.get("FEWSHOT_DATA_ROOT", "data")) / dataset
+
+
+class FewShotDataModule(LightningDataModule):
+    """Episodes of N-way K-shot tasks for meta-training, validation and testing.
+
+    The original project's flags map onto these options: ``episode_classes`` is ``ways``,
+    ``support_samples`` is ``shots``, ``query_samples`` is ``queries``, ``batch_size`` (tasks
+    per meta-batch) is ``meta_batch_size``.
+
+    Args:
+        dataset: dataset name (``omniglot``).
+        root: folder with the dataset's archives or extracted folders (default: see
+            :func:`default_root`).
+        download: download the official archives into ``root`` if missing.
+        class_split: which classes form train/val/test: ``maml`` (seeded 1100/100/423 characters),
+            ``lake`` (background/evaluation; no validation set), or a folder of split files.
+        image_size: images are resized to ``image_size x image_size``.
+        channels: image channels the model expects (1 for Omniglot).
+        ways, shots, queries: N, K and query images per class of training tasks.
+        meta_batch_size: tasks per training meta-batch.
+        eval_queries: query images per class of validation and test tasks.
+        val_episodes, test_episodes: number of fixed validation / test tasks.
+        eval_batch_size: tasks per evaluation batch (default ``meta_batch_size``).
+        steps_per_epoch: meta-iterations per epoch.
+        seed: determines every task (training tasks by global step, evaluation tasks by index).
+        num_workers: DataLoader worker processes.
+        cache_dir: writable folder for decoded-image caches (default ``$FEWSHOT_CACHE_DIR`` or
+            ``~/.cache/fewshot``).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "omniglot",
+        root: str | None = None,
+        download: bool = False,
+        class_split: str = "maml",
+        image_size: int = 28,
+        channels: int = 1,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        meta_batch_size: int = 32,
+        eval_queries: int = 15,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        eval_batch_size: int | None = None,
+        steps_per_epoch: int = 500,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+        if dataset == "omniglot" and channels != 1:
+            raise ValueError(f"Omniglot images have 1 channel, got channels={channels}")
+        self.save_hyperparameters()
+        self.root = Path(root) if root is not None else default_root(dataset)
+        self.eval_batch_size = eval_batch_size or meta_batch_size
+        self._splits: dict[str, object] = {}
+
+    def _load_split(self, split: str, download: bool = False):
+        hp = self.hparams
+        if split not in self._splits:
+            self._splits[split] = DATASETS[hp.dataset](
+                self.root, split=split, class_split=hp.class_split, image_size=hp.image_size,
+                download=download, cache_dir=hp.cache_dir,
+            )
+        return self._splits[split]
+
+    def prepare_data(self) -> None:
+        if self.hparams.download:
+            self._load_split("train", download=True)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit":
+            self.train_set = MetaBatches(
+                self._load_split("train"), hp.ways, hp.shots, hp.queries, hp.meta_batch_size,
+                hp.seed, length=2**62, split="train",
+            )
+        if stage in ("fit", "validate"):
+            self.val_set = self._evaluation_episodes("val", hp.val_episodes, VALIDATION_STREAM)
+        if stage == "test":
+            self.test_set = self._evaluation_episodes("test", hp.test_episodes, TEST_STREAM)
+
+    def _evaluation_episodes(self, split: str, episodes: int, stream: int) -> EvaluationEpisodes:
+        hp = self.hparams
+        return EvaluationEpisodes(
+            self._load_split(split), hp.ways, hp.shots, hp.eval_queries, episodes,
+            self.eval_batch_size, hp.seed, stream, split,
+        )
+
+    def _loader(self, dataset, sampler=None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset, batch_size=None, sampler=sampler, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=self._on_gpu(),
+        )
+
+    def _on_gpu(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def train_dataloader(self) -> DataLoader:
+        # Resuming: start from the restored global step, so the run sees the tasks it would
+        # have seen without the interruption.
+        first_step = self.trainer.global_step if self.trainer is not None else 0
+        return self._loader(self.train_set, StepSampler(self.hparams.steps_per_epoch, first_step))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)

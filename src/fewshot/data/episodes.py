@@ -1,0 +1,179 @@
+"""Episode sampling: N-way K-shot tasks drawn from a dataset of labelled classes.
+
+Every task is a pure function of ``(seed, stream, index)``: training meta-batch ``i`` is the
+same whoever asks for it and whenever, so a resumed run sees exactly the tasks an
+uninterrupted run would have seen, and evaluation episodes are fixed by their seed whatever the
+batching or the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from fewshot.episode import Episodes
+
+# Distinct random streams, so training and evaluation never share tasks by accident of seeds.
+TRAIN_STREAM, VALIDATION_STREAM, TEST_STREAM = 0, 1, 2
+
+
+class ClassImages(Protocol):
+    """What the sampler needs of a dataset split (see :class:`fewshot.data.omniglot.Omniglot`)."""
+
+    classes: list[str]
+    class_sizes: list[int]
+
+    def load_class_images(self, class_id: int, image_indices: Sequence[int]) -> Tensor:
+        """Float images ``[k, C, H, W]`` of one class."""
+        ...
+
+
+def check_task_size(dataset: ClassImages, split: str, ways: int, shots: int, queries: int) -> None:
+    """Fail early, naming the split and the numbers, if the data cannot supply such tasks."""
+    if ways < 2 or shots < 1 or queries < 1:
+        raise ValueError(
+            f"tasks need ways >= 2, shots >= 1 and queries >= 1, "
+            f"got ways={ways}, shots={shots}, queries={queries}"
+        )
+    if ways > len(dataset.classes):
+        raise ValueError(
+            f"{ways}-way tasks need {ways} classes, but the {split!r} split has only "
+            f"{len(dataset.classes)}"
+        )
+    needed = shots + queries
+    smallest = int(np.argmin(dataset.class_sizes))
+    if dataset.class_sizes[smallest] < needed:
+        raise ValueError(
+            f"{shots} support + {queries} query images per class need {needed} images, but class "
+            f"{dataset.classes[smallest]!r} of the {split!r} split has only "
+            f"{dataset.class_sizes[smallest]}"
+        )
+
+
+def sample_task(
+    dataset: ClassImages, ways: int, shots: int, queries: int, rng: np.random.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One N-way task: ``([N*K, C, H, W], [N*K], [N*Q, C, H, W], [N*Q])``, labels ``0..N-1``.
+
+    Support and query images are disjoint draws (without replacement) from each class.
+    """
+    class_ids = rng.choice(len(dataset.classes), size=ways, replace=False)
+    support, query = [], []
+    for class_id in class_ids:
+        picks = rng.choice(dataset.class_sizes[class_id], size=shots + queries, replace=False)
+        images = dataset.load_class_images(int(class_id), picks.tolist())
+        support.append(images[:shots])
+        query.append(images[shots:])
+    labels = torch.arange(ways)
+    return (
+        torch.cat(support), labels.repeat_interleave(shots),
+        torch.cat(query), labels.repeat_interleave(queries),
+    )
+
+
+def task_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """The random generator of one task or meta-batch: a pure function of its coordinates."""
+    return np.random.default_rng([seed, stream, index])
+
+
+def stack_tasks(tasks: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Episodes:
+    return Episodes(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))
+
+
+class MetaBatches(Dataset[Episodes]):
+    """Training meta-batches: item ``i`` is the meta-batch of global step ``i``.
+
+    Args:
+        dataset: the training split.
+        ways, shots, queries: N, K and query images per class of every task.
+        tasks_per_batch: T, tasks per meta-batch.
+        seed: with the step, determines every task.
+        length: steps available (the DataLoader's sampler picks which ones).
+    """
+
+    def __init__(
+        self, dataset: ClassImages, ways: int, shots: int, queries: int,
+        tasks_per_batch: int, seed: int, length: int, split: str = "train",
+    ) -> None:
+        check_task_size(dataset, split, ways, shots, queries)
+        if tasks_per_batch < 1:
+            raise ValueError(f"meta_batch_size must be >= 1, got {tasks_per_batch}")
+        self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
+        self.tasks_per_batch, self.seed, self.length = tasks_per_batch, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, step: int) -> Episodes:
+        rng = task_rng(self.seed, TRAIN_STREAM, step)
+        tasks = [
+            sample_task(self.dataset, self.ways, self.shots, self.queries, rng)
+            for _ in range(self.tasks_per_batch)
+        ]
+        return stack_tasks(tasks)
+
+
+class EvaluationEpisodes(Dataset[Episodes]):
+    """A fixed set of ``episodes`` evaluation tasks, served ``tasks_per_batch`` at a time.
+
+    Task ``j`` depends only on ``(seed, stream, j)``, so the set is the same whatever the
+    batching, the workers or the world size; the last batch may be smaller.
+    """
+
+    def __init__(
+        self, dataset: ClassImages, ways: int, shots: int, queries: int, episodes: int,
+        tasks_per_batch: int, seed: int, stream: int, split: str,
+    ) -> None:
+        check_task_size(dataset, split, ways, shots, queries)
+        if episodes < 1 or tasks_per_batch < 1:
+            raise ValueError(
+                f"need episodes >= 1 and tasks_per_batch >= 1, got {episodes} and {tasks_per_batch}"
+            )
+        self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
+        self.episodes, self.tasks_per_batch = episodes, tasks_per_batch
+        self.seed, self.stream = seed, stream
+
+    def __len__(self) -> int:
+        return -(-self.episodes // self.tasks_per_batch)
+
+    def task(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        rng = task_rng(self.seed, self.stream, index)
+        return sample_task(self.dataset, self.ways, self.shots, self.queries, rng)
+
+    def __getitem__(self, batch: int) -> Episodes:
+        if not 0 <= batch < len(self):
+            raise IndexError(batch)
+        first = batch * self.tasks_per_batch
+        last = min(first + self.tasks_per_batch, self.episodes)
+        return stack_tasks([self.task(j) for j in range(first, last)])
+
+
+class StepSampler(Sampler[int]):
+    """Yields the global steps of one training epoch, skipping those already trained.
+
+    Lightning calls :meth:`set_epoch` before each epoch. ``first_step`` is the global step the
+    run resumes from, so a restarted epoch continues where the killed one stopped instead of
+    replaying its first meta-batches.
+    """
+
+    def __init__(self, steps_per_epoch: int, first_step: int = 0) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.steps_per_epoch, self.first_step, self.epoch = steps_per_epoch, first_step, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        begin = self.epoch * self.steps_per_epoch
+        return iter(range(max(begin, self.first_step), begin + self.steps_per_epoch))
+
+    def __len__(self) -> int:
+        # The full epoch, also when resuming inside it: Lightning restores how many batches of
+        # the epoch are done and counts on from there, and ends the epoch when we run out.
+        return self.steps_per_epoch

@@ -1,0 +1,29 @@
+import math
+
+import pytest
+import torch
+
+from fewshot.evaluation import mean_and_ci95, summarise_per_step
+
+
+def test_ci95_by_hand():
+    values = torch.tensor([0.6, 0.8, 1.0, 0.8])
+    # mean 0.8; sample variance ((0.2^2)*2 + 0)/3 = 0.08/3; std 0.163299; 1.96*std/2 = 0.160033
+    mean, ci = mean_and_ci95(values)
+    assert mean == pytest.approx(0.8)
+    assert ci == pytest.approx(1.96 * math.sqrt(0.08 / 3) / 2)
+    assert ci == pytest.approx(0.1600333, abs=1e-6)
+
+
+def test_single_value_and_empty():
+    assert math.isnan(mean_and_ci95(torch.tensor([0.5]))[1])
+    with pytest.raises(ValueError, match="no episodes"):
+        mean_and_ci95(torch.tensor([]))
+
+
+def test_summarise_per_step_rows():
+    accuracies = torch.tensor([[0.2, 0.6], [0.2, 1.0]])
+    rows = summarise_per_step(accuracies)
+    assert [r["inner_step"] for r in rows] == [0, 1]
+    assert rows[0]["accuracy"] == pytest.approx(0.2) and rows[0]["ci95"] == 0.0
+    assert rows[1]["accuracy"] == pytest.approx(0.8)

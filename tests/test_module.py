@@ -1,0 +1,101 @@
+"""MetaLearner in a real Lightning Trainer on fake Omniglot: fit, evaluate, resume exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from fewshot.data.datamodule import FewShotDataModule
+from fewshot.episode import Episodes
+from fewshot.models import Conv4
+from fewshot.module import MetaLearner
+
+
+def make_data(root, cache, **overrides) -> FewShotDataModule:
+    options = dict(root=str(root), cache_dir=str(cache), ways=3, shots=1, queries=2,
+                   meta_batch_size=2, eval_queries=2, val_episodes=4, test_episodes=5,
+                   eval_batch_size=2, steps_per_epoch=4, image_size=28)
+    options.update(overrides)
+    return FewShotDataModule(**options)
+
+
+def make_model(**overrides) -> MetaLearner:
+    seed_everything(0)
+    options = dict(backbone=Conv4(1, 4, 28), ways=3, inner_steps=1, inner_lr=0.4,
+                   eval_inner_steps=2, batching="loop")
+    options.update(overrides)
+    return MetaLearner(**options)
+
+
+def make_trainer(tmp_path, **overrides) -> Trainer:
+    options = dict(default_root_dir=tmp_path, max_steps=4, inference_mode=False,
+                   enable_progress_bar=False, enable_model_summary=False, logger=False,
+                   accelerator="cpu", devices=1, num_sanity_val_steps=0, deterministic=True)
+    options.update(overrides)
+    return Trainer(**options)
+
+
+def test_fit_and_test_write_per_step_accuracy(fake_omniglot, tmp_path):
+    model, data = make_model(), make_data(*fake_omniglot)
+    trainer = make_trainer(tmp_path, logger=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 4
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "val/acc" in trainer.callback_metrics and "train/tasks_per_s" in trainer.logged_metrics
+    trainer.test(model, datamodule=data)
+    result = json.loads((tmp_path / "lightning_logs" / "version_0" / "test_results.json").read_text())
+    assert result["episodes"] == 5 and result["ways"] == 3
+    assert [row["inner_step"] for row in result["per_step"]] == [0, 1, 2]
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["accuracy"] == result["per_step"][-1]["accuracy"]
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(fake_omniglot, tmp_path):
+    full = make_model()
+    make_trainer(tmp_path / "full", max_steps=6, val_check_interval=3).fit(
+        full, datamodule=make_data(*fake_omniglot))
+
+    first = make_model()
+    make_trainer(tmp_path / "part", max_steps=3, val_check_interval=3).fit(
+        first, datamodule=make_data(*fake_omniglot))
+    checkpoint = next((tmp_path / "part").rglob("*.ckpt"))
+    resumed = make_model(inner_lr=0.4)
+    make_trainer(tmp_path / "resumed", max_steps=6, val_check_interval=3).fit(
+        resumed, datamodule=make_data(*fake_omniglot), ckpt_path=checkpoint)
+
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    changed = any(not torch.equal(v, first.state_dict()[k]) for k, v in full.state_dict().items())
+    assert changed  # steps 4-6 did something, so the equality above means something
+
+
+def test_evaluation_under_inference_mode_is_refused_with_a_clear_message():
+    model = make_model()
+    episodes = Episodes(torch.rand(1, 3, 1, 28, 28), torch.arange(3)[None],
+                        torch.rand(1, 3, 1, 28, 28), torch.arange(3)[None])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=False"):
+        model.validation_step(episodes, 0)
+
+
+def test_evaluation_adapts_without_touching_the_meta_parameters():
+    model = make_model()
+    episodes = Episodes(torch.rand(2, 3, 1, 28, 28), torch.arange(3).repeat(2, 1),
+                        torch.rand(2, 6, 1, 28, 28), torch.arange(3).repeat(2, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.validation_step(episodes, 0)
+    assert model._evaluation_accuracies[0].shape == (2, 3)  # tasks x (eval_inner_steps + 1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"inner_steps": -1}, {"inner_lr": -0.1}, {"meta_lr": float("nan")},
+                                 {"batching": "parallel"}])
+def test_bad_hyperparameters_are_named(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name if name != "batching" else "parallel"):
+        make_model(**bad)
