@@ -35,7 +35,7 @@ def make_episodes(tasks: int, ways: int, shots: int, queries: int, size: int) ->
 
 def meta_step(model, episodes, batching, steps, first_order) -> list[torch.Tensor]:
     params = dict(model.named_parameters())
-    losses, _ = meta_batch_metrics(model, params, episodes, steps=steps, lr=0.4,
+    losses, _, _ = meta_batch_metrics(model, params, episodes, steps=steps, lr=0.4,
                                    first_order=first_order, batching=batching)
     return torch.autograd.grad(losses[:, -1].mean(), list(params.values()))
 

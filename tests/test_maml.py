@@ -50,7 +50,7 @@ def reference_meta_gradient(model, episodes, steps, lr, first_order):
 
 def core_meta_gradient(model, episodes, steps, lr, first_order, batching):
     params = dict(model.named_parameters())
-    losses, _ = meta_batch_metrics(
+    losses, _, _ = meta_batch_metrics(
         model, params, episodes, steps=steps, lr=lr, first_order=first_order, batching=batching
     )
     meta_loss = losses[:, -1].mean()
@@ -105,7 +105,7 @@ def test_second_order_matches_directional_finite_difference():
     direction = {k: torch.randn_like(v) for k, v in params.items()}
 
     def meta_loss(p):
-        losses, _ = meta_batch_metrics(model, p, episodes, steps=2, lr=0.4, batching="vmap")
+        losses, _, _ = meta_batch_metrics(model, p, episodes, steps=2, lr=0.4, batching="vmap")
         return losses.mean()
 
     grads = torch.autograd.grad(meta_loss(params), list(params.values()))
@@ -128,7 +128,7 @@ def test_first_order_differs_from_second_order():
 def test_zero_steps_is_plain_query_loss():
     model, episodes = tiny_model(), random_episodes(tasks=1)
     params = dict(model.named_parameters())
-    losses, _ = task_query_metrics(model, params, *(t[0] for t in episodes), steps=0, lr=0.4)
+    losses, _, _ = task_query_metrics(model, params, *(t[0] for t in episodes), steps=0, lr=0.4)
     logits = model(episodes.query_x[0])
     assert losses.item() == pytest.approx(F.cross_entropy(logits, episodes.query_y[0]).item())
 
@@ -138,7 +138,7 @@ def test_every_step_scores_before_and_after_each_step_and_adaptation_fits_suppor
     params = dict(model.named_parameters())
     # Score the support set as the query: loss must fall step by step.
     support_as_query = Episodes(*episodes[:2], *episodes[:2])
-    losses, accuracies = meta_batch_metrics(
+    losses, accuracies, _ = meta_batch_metrics(
         model, params, support_as_query, steps=4, lr=0.1, every_step=True, batching="loop"
     )
     assert losses.shape == accuracies.shape == (2, 5)
@@ -151,7 +151,7 @@ def test_every_step_scores_before_and_after_each_step_and_adaptation_fits_suppor
 def test_accuracy_is_fraction_of_correct_query_predictions():
     model, episodes = tiny_model(), random_episodes(tasks=1)
     params = dict(model.named_parameters())
-    _, accuracy = task_query_metrics(model, params, *(t[0] for t in episodes), steps=0, lr=0.0)
+    _, accuracy, _ = task_query_metrics(model, params, *(t[0] for t in episodes), steps=0, lr=0.0)
     predictions = model(episodes.query_x[0]).argmax(-1)
     expected = (predictions == episodes.query_y[0]).double().mean().item()
     assert accuracy.item() == pytest.approx(expected)
@@ -161,7 +161,7 @@ def test_vmap_chunking_gives_the_same_result():
     model, episodes = tiny_model(), random_episodes(tasks=3)
     _, full = core_meta_gradient(model, episodes, 1, 0.4, False, "vmap")
     params = dict(model.named_parameters())
-    losses, _ = meta_batch_metrics(model, params, episodes, steps=1, lr=0.4, batching="vmap", chunk_size=2)
+    losses, _, _ = meta_batch_metrics(model, params, episodes, steps=1, lr=0.4, batching="vmap", chunk_size=2)
     chunked = torch.autograd.grad(losses.mean(), list(params.values()))
     assert relative_error(chunked, full) < 1e-12
 

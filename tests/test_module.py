@@ -99,3 +99,18 @@ def test_bad_hyperparameters_are_named(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name if name != "batching" else "parallel"):
         make_model(**bad)
+
+
+def test_adapt_and_predict_a_new_task_matches_the_evaluation_path():
+    model = make_model()
+    generator = torch.Generator().manual_seed(3)
+    support_x, query_x = torch.rand(3, 1, 28, 28, generator=generator), torch.rand(6, 1, 28, 28, generator=generator)
+    support_y, query_y = torch.arange(3), torch.arange(3).repeat(2)
+    params = model.adapt(support_x, support_y)
+    logits = model.predict_logits(params, query_x)
+    assert logits.shape == (6, 3)
+    episodes = Episodes(support_x[None], support_y[None], query_x[None], query_y[None])
+    with torch.no_grad():
+        model.validation_step(episodes, 0)
+    expected = (logits.argmax(-1) == query_y).float().mean()
+    assert model._evaluation_accuracies[0][0, -1].item() == pytest.approx(expected.item())

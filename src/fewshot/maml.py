@@ -14,8 +14,9 @@ Adaptation of Deep Networks", ICML 2017).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,33 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fewshot.episode import Episodes
+from fewshot.models.inner_step import (
+    inner_step,
+    mean_statistics,
+    merge_statistics,
+    recording_statistics,
+)
 
 Params = dict[str, Tensor]
 Batching = Literal["vmap", "loop", "auto"]
+# A float, or per parameter name the rates of every inner step ``[steps]`` (MAML++ LSLR).
+LearningRate = float | Mapping[str, Tensor]
+
+
+class QueryMetrics(NamedTuple):
+    """What adapting and scoring produce: query ``losses`` and ``accuracies`` after each scored
+    step, and the batch statistics that per-step running batch norm recorded (usually empty)."""
+
+    losses: Tensor
+    accuracies: Tensor
+    statistics: dict[str, Tensor]
+
+
+def learning_rate_at(lr: LearningRate, step: int) -> float | dict[str, Tensor]:
+    """The inner learning rate(s) of ``step``; steps past the learned ones reuse the last."""
+    if isinstance(lr, Mapping):
+        return {name: rates[min(step, rates.shape[0] - 1)] for name, rates in lr.items()}
+    return lr
 
 
 def cross_entropy_on(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -33,14 +58,29 @@ def cross_entropy_on(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> 
     return F.cross_entropy(functional_call(model, params, (x,)), y)
 
 
+def _support_loss(model: nn.Module, step: int, params: Params, x: Tensor, y: Tensor):
+    # Statistics recorded inside ``grad`` must leave it as auxiliary outputs, not side effects.
+    with recording_statistics() as recorded, inner_step(step):
+        loss = cross_entropy_on(model, params, x, y)
+    return loss, mean_statistics(recorded)
+
+
 def inner_sgd_step(
-    model: nn.Module, params: Params, x: Tensor, y: Tensor, lr: float, first_order: bool
-) -> Params:
-    """One step of gradient descent on the support loss, differentiable unless first order."""
-    grads = grad(partial(cross_entropy_on, model))(params, x, y)
+    model: nn.Module, params: Params, x: Tensor, y: Tensor, lr: LearningRate, first_order: bool,
+    step: int = 0,
+) -> tuple[Params, dict[str, Tensor]]:
+    """One step of gradient descent on the support loss, differentiable unless first order.
+
+    ``step`` is the number of updates ``params`` already had. Returns the updated parameters
+    and the batch statistics recorded by per-step batch norm, if any.
+    """
+    grads, statistics = grad(partial(_support_loss, model, step), has_aux=True)(params, x, y)
     if first_order:
         grads = {name: g.detach() for name, g in grads.items()}
-    return {name: p - lr * grads[name] for name, p in params.items()}
+    rate = learning_rate_at(lr, step)
+    if isinstance(rate, dict):
+        return {name: p - rate[name] * grads[name] for name, p in params.items()}, statistics
+    return {name: p - rate * grads[name] for name, p in params.items()}, statistics
 
 
 def adapt(
@@ -50,19 +90,19 @@ def adapt(
     support_y: Tensor,
     *,
     steps: int,
-    lr: float,
+    lr: LearningRate,
     first_order: bool = False,
 ) -> Params:
-    """Fine-tune ``params`` on one task's support set: ``steps`` SGD steps of size ``lr``."""
-    for _ in range(steps):
-        params = inner_sgd_step(model, params, support_x, support_y, lr, first_order)
+    """Fine-tune ``params`` on one task's support set: ``steps`` gradient steps of size ``lr``."""
+    for step in range(steps):
+        params, _ = inner_sgd_step(model, params, support_x, support_y, lr, first_order, step)
     return params
 
 
-def _loss_and_accuracy(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    logits = functional_call(model, params, (x,))
-    accuracy = (logits.argmax(dim=-1) == y).float().mean()
-    return F.cross_entropy(logits, y), accuracy
+def predict(model: nn.Module, params: Params, x: Tensor, steps_taken: int) -> Tensor:
+    """Logits of ``x`` under parameters that had ``steps_taken`` inner updates."""
+    with inner_step(steps_taken):
+        return functional_call(model, params, (x,))
 
 
 def task_query_metrics(
@@ -74,10 +114,10 @@ def task_query_metrics(
     query_y: Tensor,
     *,
     steps: int,
-    lr: float,
+    lr: LearningRate,
     first_order: bool = False,
     every_step: bool = False,
-) -> tuple[Tensor, Tensor]:
+) -> QueryMetrics:
     """Adapt on one task's support set and score its query set.
 
     Args:
@@ -86,23 +126,28 @@ def task_query_metrics(
         support_x, support_y: ``[N*K, C, H, W]`` and ``[N*K]``.
         query_x, query_y: ``[N*Q, C, H, W]`` and ``[N*Q]``.
         steps: inner gradient steps (may differ between training and testing).
-        lr: inner learning rate.
+        lr: inner learning rate, or per-parameter per-step rates (see ``LearningRate``).
         first_order: treat inner gradients as constants (FOMAML).
         every_step: also score the query set before adapting and after every step.
 
     Returns:
-        ``(losses, accuracies)``, each ``[steps + 1]`` (after 0..steps steps) if ``every_step``,
-        else ``[1]`` (after the last step).
+        :class:`QueryMetrics` with losses and accuracies ``[steps + 1]`` (after 0..steps
+        steps) if ``every_step``, else ``[1]`` (after the last step).
     """
-    losses, accuracies = [], []
+    losses, accuracies, recorded = [], [], {}
     for step in range(steps + 1):
         if every_step or step == steps:
-            loss, accuracy = _loss_and_accuracy(model, params, query_x, query_y)
-            losses.append(loss)
-            accuracies.append(accuracy)
+            with recording_statistics() as query_statistics, inner_step(step):
+                logits = functional_call(model, params, (query_x,))
+            merge_statistics(recorded, mean_statistics(query_statistics))
+            losses.append(F.cross_entropy(logits, query_y))
+            accuracies.append((logits.argmax(dim=-1) == query_y).float().mean())
         if step < steps:
-            params = inner_sgd_step(model, params, support_x, support_y, lr, first_order)
-    return torch.stack(losses), torch.stack(accuracies)
+            params, statistics = inner_sgd_step(
+                model, params, support_x, support_y, lr, first_order, step
+            )
+            merge_statistics(recorded, statistics)
+    return QueryMetrics(torch.stack(losses), torch.stack(accuracies), mean_statistics(recorded))
 
 
 # On CPU, vmap wins while tasks are tiny (per-call overhead dominates) and the loop wins once
@@ -136,12 +181,12 @@ def meta_batch_metrics(
     episodes: Episodes,
     *,
     steps: int,
-    lr: float,
+    lr: LearningRate,
     first_order: bool = False,
     every_step: bool = False,
     batching: Batching = "auto",
     chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> QueryMetrics:
     """Run :func:`task_query_metrics` on every task of a meta-batch.
 
     Args:
@@ -152,7 +197,8 @@ def meta_batch_metrics(
         Other arguments as in :func:`task_query_metrics`.
 
     Returns:
-        ``(losses, accuracies)``, each ``[T, steps + 1]`` if ``every_step`` else ``[T, 1]``.
+        :class:`QueryMetrics`: losses and accuracies ``[T, steps + 1]`` if ``every_step`` else
+        ``[T, 1]``; recorded batch statistics averaged over the tasks.
 
     Example:
         >>> import torch
@@ -161,7 +207,7 @@ def meta_batch_metrics(
         >>> params = dict(model.named_parameters())
         >>> episodes = Episodes(torch.rand(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
         ...                     torch.rand(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
-        >>> losses, accuracies = meta_batch_metrics(model, params, episodes, steps=1, lr=0.4)
+        >>> losses, accuracies, _ = meta_batch_metrics(model, params, episodes, steps=1, lr=0.4)
         >>> losses.mean().backward()  # second-order meta-gradient in p.grad
         >>> tuple(losses.shape)
         (2, 1)
@@ -172,7 +218,10 @@ def meta_batch_metrics(
     )
     images_per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
     if resolve_batching(batching, episodes.support_x.device, images_per_task) == "vmap":
-        return vmap(per_task, chunk_size=chunk_size)(*episodes)
-    results = [per_task(*task) for task in zip(*episodes, strict=True)]
-    losses, accuracies = zip(*results, strict=True)
-    return torch.stack(losses), torch.stack(accuracies)
+        losses, accuracies, statistics = vmap(per_task, chunk_size=chunk_size)(*episodes)
+    else:
+        results = [per_task(*task) for task in zip(*episodes, strict=True)]
+        losses = torch.stack([r.losses for r in results])
+        accuracies = torch.stack([r.accuracies for r in results])
+        statistics = {k: torch.stack([r.statistics[k] for r in results]) for k in results[0].statistics}
+    return QueryMetrics(losses, accuracies, {k: v.mean(dim=0) for k, v in statistics.items()})

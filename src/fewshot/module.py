@@ -12,12 +12,22 @@ from torch import Tensor, nn
 
 from fewshot.episode import Episodes
 from fewshot.evaluation import mean_and_ci95, summarise_per_step
-from fewshot.maml import Batching, meta_batch_metrics, resolve_batching
+from fewshot.maml import (
+    Batching,
+    LearningRate,
+    QueryMetrics,
+    adapt,
+    meta_batch_metrics,
+    predict,
+    resolve_batching,
+)
+from fewshot.mamlpp import multi_step_loss_weights, use_first_order, use_per_step_batch_norm
 from fewshot.models import Conv4, FewShotClassifier
+from fewshot.models.per_step_batch_norm import BatchNormMode
 
 
 class MetaLearner(LightningModule):
-    """Meta-train a few-shot classifier with MAML (second order) or first-order MAML.
+    """Meta-train a few-shot classifier with MAML (second order), first-order MAML or MAML++.
 
     Each training step adapts the network to every task of the meta-batch with ``inner_steps``
     SGD steps on the support set and minimises the mean query loss of the adapted networks with
@@ -36,6 +46,22 @@ class MetaLearner(LightningModule):
         meta_lr: Adam learning rate of the meta-parameters.
         batching: ``vmap``, ``loop`` or ``auto`` (by device); see :mod:`fewshot.maml`.
         chunk_size: with vmap, tasks vectorised at a time (bounds memory).
+
+    MAML++ switches (Antoniou et al., 2019; all off gives plain MAML), see :mod:`fewshot.mamlpp`:
+
+    Args:
+        multi_step_loss: MSL, the weighted query loss after every inner step.
+        multi_step_loss_epochs: epochs over which MSL anneals to the final step alone.
+        derivative_order_annealing: DA, first order for the first ``first_order_epochs``.
+        first_order_epochs: epochs of first-order training under DA.
+        learn_inner_lr: LSLR, one learned inner rate per parameter tensor and inner step,
+            initialised to ``inner_lr`` (``eval_inner_lr`` is then ignored).
+        per_step_bn_weights: BNWB, batch-norm weights and biases per inner step.
+        batch_norm: ``transductive`` (batch statistics, as MAML) or ``per_step_running`` (BNRS:
+            per-step running statistics, used in eval mode; predictions are per image).
+        cosine_annealing: CA, cosine decay of ``meta_lr`` to ``min_meta_lr`` over the run's
+            ``trainer.max_steps`` optimizer steps.
+        min_meta_lr: the floor of the cosine schedule.
     """
 
     def __init__(
@@ -50,6 +76,15 @@ class MetaLearner(LightningModule):
         meta_lr: float = 1e-3,
         batching: Batching = "auto",
         chunk_size: int | None = None,
+        multi_step_loss: bool = False,
+        multi_step_loss_epochs: int = 10,
+        derivative_order_annealing: bool = False,
+        first_order_epochs: int = 50,
+        learn_inner_lr: bool = False,
+        per_step_bn_weights: bool = False,
+        batch_norm: BatchNormMode = "transductive",
+        cosine_annealing: bool = False,
+        min_meta_lr: float = 1e-5,
     ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
@@ -60,9 +95,23 @@ class MetaLearner(LightningModule):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
         resolve_batching(batching, torch.device("cpu"))  # validates the value early
         self.save_hyperparameters(ignore=["backbone"])
+        if multi_step_loss and inner_steps < 1:
+            raise ValueError("multi_step_loss needs inner_steps >= 1")
         self.network = FewShotClassifier(backbone if backbone is not None else Conv4(), ways)
+        self.per_step_norms = []
+        if per_step_bn_weights or batch_norm != "transductive":
+            slots = max(inner_steps, eval_inner_steps or 0) + 1
+            self.per_step_norms = use_per_step_batch_norm(
+                self.network, slots, per_step_bn_weights, batch_norm)
+        # LSLR: ParameterDict keys may not contain dots.
+        self.inner_lrs = nn.ParameterDict({
+            name.replace(".", "-"): nn.Parameter(torch.full((max(inner_steps, 1),), float(inner_lr)))
+            for name, _ in self.network.named_parameters()
+        }) if learn_inner_lr else None
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_inner_lr = inner_lr if eval_inner_lr is None else eval_inner_lr
+        if learn_inner_lr and eval_inner_lr is not None:
+            raise ValueError("eval_inner_lr cannot be set with learn_inner_lr: the learned rates are used")
         self._evaluation_accuracies: list[Tensor] = []
         self._last_step_time: float | None = None
 
@@ -70,8 +119,43 @@ class MetaLearner(LightningModule):
         """Logits of the meta-parameters (unadapted) for ``x: [B, C, H, W]``."""
         return self.network(x)
 
-    def _metrics(self, episodes: Episodes, *, training: bool) -> tuple[Tensor, Tensor]:
-        hp = self.hparams
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None, lr: float | None = None
+    ) -> dict[str, Tensor]:
+        """Adapted parameters for one new task, with the evaluation inner loop by default.
+
+        ``support_x: [N*K, C, H, W]``, ``support_y: [N*K]`` with labels ``0..N-1``. Returns a
+        detached parameter dict for :meth:`predict_logits`; the module itself is unchanged.
+        """
+        params = {name: p.detach() for name, p in self.network.named_parameters()}
+        with torch.enable_grad():
+            adapted = adapt(
+                self.network, params, support_x, support_y,
+                steps=self.eval_inner_steps if steps is None else steps,
+                lr=self._inner_lr(training=False, detach=True) if lr is None else lr,
+                first_order=True,
+            )
+        return {name: p.detach() for name, p in adapted.items()}
+
+    def predict_logits(self, params: dict[str, Tensor], x: Tensor, steps_taken: int | None = None) -> Tensor:
+        """Logits ``[B, ways]`` of ``x: [B, C, H, W]`` under ``params`` adapted ``steps_taken``
+        steps (default: the evaluation steps).
+
+        With transductive batch norm a prediction depends on the other images predicted with
+        it; with ``per_step_running`` in eval mode it does not.
+        """
+        steps = self.eval_inner_steps if steps_taken is None else steps_taken
+        with torch.no_grad():
+            return predict(self.network, params, x, steps)
+
+    def _inner_lr(self, training: bool, detach: bool = False) -> LearningRate:
+        if self.inner_lrs is None:
+            return self.hparams.inner_lr if training else self.eval_inner_lr
+        rates = {name: self.inner_lrs[name.replace(".", "-")] for name, _ in self.network.named_parameters()}
+        return {name: r.detach() for name, r in rates.items()} if detach else rates
+
+    def _metrics(self, episodes: Episodes, *, training: bool, first_order: bool = True,
+                 every_step: bool = True) -> QueryMetrics:
         params = dict(self.network.named_parameters())
         if not training:  # no meta-gradient needed: adapt from a detached copy
             params = {name: p.detach() for name, p in params.items()}
@@ -79,20 +163,39 @@ class MetaLearner(LightningModule):
             self.network,
             params,
             episodes,
-            steps=hp.inner_steps if training else self.eval_inner_steps,
-            lr=hp.inner_lr if training else self.eval_inner_lr,
-            first_order=hp.first_order or not training,
-            every_step=not training,
-            batching=hp.batching,
-            chunk_size=hp.chunk_size,
+            steps=self.hparams.inner_steps if training else self.eval_inner_steps,
+            lr=self._inner_lr(training, detach=not training),
+            first_order=first_order,
+            every_step=every_step,
+            batching=self.hparams.batching,
+            chunk_size=self.hparams.chunk_size,
         )
 
+    def meta_loss(self, episodes: Episodes, epoch: int) -> tuple[Tensor, QueryMetrics, bool]:
+        """The meta-training loss of a meta-batch at ``epoch`` (MAML++ schedules depend on it).
+
+        Returns the loss, the query metrics and whether the step was first order. Pure: the
+        running statistics in ``metrics.statistics`` are not applied here.
+        """
+        hp = self.hparams
+        multi_step = hp.multi_step_loss and epoch < hp.multi_step_loss_epochs
+        first_order = use_first_order(epoch, hp.first_order, hp.derivative_order_annealing,
+                                      hp.first_order_epochs)
+        metrics = self._metrics(episodes, training=True, first_order=first_order,
+                                every_step=multi_step)
+        if multi_step:  # losses after steps 1..K, weighted
+            weights = multi_step_loss_weights(hp.inner_steps, epoch, hp.multi_step_loss_epochs)
+            return (metrics.losses[:, 1:] * weights.to(metrics.losses)).sum(dim=1).mean(), metrics, first_order
+        return metrics.losses[:, -1].mean(), metrics, first_order
+
     def training_step(self, episodes: Episodes, batch_idx: int) -> Tensor:
-        losses, accuracies = self._metrics(episodes, training=True)
-        meta_loss = losses[:, -1].mean()
+        meta_loss, metrics, first_order = self.meta_loss(episodes, self.current_epoch)
+        for norm in self.per_step_norms:  # running statistics are state: updated here only
+            norm.update_running_statistics(metrics.statistics)
         tasks = episodes.num_tasks
         self.log("train/loss", meta_loss, prog_bar=True, batch_size=tasks)
-        self.log("train/acc", accuracies[:, -1].mean(), prog_bar=True, batch_size=tasks)
+        self.log("train/acc", metrics.accuracies[:, -1].mean(), prog_bar=True, batch_size=tasks)
+        self.log("train/second_order", float(not first_order), batch_size=tasks)
         now = time.perf_counter()
         if self._last_step_time is not None:
             self.log("train/tasks_per_s", tasks / (now - self._last_step_time), prog_bar=True)
@@ -109,8 +212,8 @@ class MetaLearner(LightningModule):
                 "forbids: create the Trainer with inference_mode=False (the fewshot CLI does)."
             )
         with torch.enable_grad():
-            _, accuracies = self._metrics(episodes, training=False)
-        self._evaluation_accuracies.append(accuracies.detach())
+            metrics = self._metrics(episodes, training=False)
+        self._evaluation_accuracies.append(metrics.accuracies.detach())
 
     def validation_step(self, episodes: Episodes, batch_idx: int) -> None:
         self._evaluation_step(episodes)
@@ -161,5 +264,13 @@ class MetaLearner(LightningModule):
                 "mean +- 95% CI):\n" + "\n".join(lines) + f"\nWrote {path}"
             )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr)
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr)
+        if not self.hparams.cosine_annealing:
+            return optimizer
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 1:
+            raise ValueError("cosine_annealing decays over the run: set trainer.max_steps")
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=total_steps, eta_min=self.hparams.min_meta_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
