@@ -1,0 +1,47 @@
+"""Shared by the accuracy benchmarks: meta-train for a wall-clock budget, then test."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from fewshot.cli import build_cli
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OMNIGLOT = os.environ.get(
+    "FEWSHOT_OMNIGLOT_ROOT", str(REPO.parent / "shared" / "data" / "omniglot"))
+
+
+def as_max_time(minutes: float) -> str:
+    seconds = round(minutes * 60)
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def fit_then_test(config: str, minutes: float, data_root: str, episodes: int, output_dir: str,
+                  overrides: list[str] = ()) -> dict:
+    """Meta-train ``config`` for ``minutes`` (data decoding excluded), then test the checkpoint
+    with the best validation accuracy on ``episodes`` test tasks. Returns the figures."""
+    cli = build_cli([
+        "--config", config, f"--data.root={data_root}", f"--data.test_episodes={episodes}",
+        f"--trainer.max_time={as_max_time(minutes)}", f"--trainer.default_root_dir={output_dir}",
+        f"--trainer.logger.init_args.save_dir={output_dir}", "--test_after_fit=false",
+        "--trainer.enable_progress_bar=false", *overrides,
+    ], run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    data.prepare_data()
+    data.setup("fit")  # decode (or load the cache) before the clock starts
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    train_seconds = time.perf_counter() - start
+    best = trainer.checkpoint_callback.best_model_path
+    trainer.test(model, datamodule=data, ckpt_path=best or None)
+    hp = data.hparams
+    return {
+        "config": Path(config).name, "ways": hp.ways, "shots": hp.shots,
+        "meta_batch_size": hp.meta_batch_size, "queries": hp.queries,
+        "test_acc": model.test_result["accuracy"], "ci95": model.test_result["ci95"],
+        "episodes": model.test_result["episodes"], "train_seconds": round(train_seconds, 1),
+        "meta_iterations": trainer.global_step, "checkpoint": Path(best).name if best else None,
+        "per_step": model.test_result["per_step"], "log_dir": trainer.log_dir,
+    }
