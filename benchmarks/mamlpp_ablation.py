@@ -10,6 +10,9 @@ checkpoint. Arms:
     no_msl         MAML++ without the multi-step loss
     no_lslr        MAML++ without learned inner rates
     no_per_step_bn MAML++ with shared batch-norm weights and transductive batch statistics
+With ``--parallel`` every arm runs at the same time in its own process with one thread, so
+on a shared machine all arms meet the same load (an equal budget in wall-clock terms, and a
+fair one); without it the arms run one after another with all cores.
 Last line: one JSON object with every arm's accuracy and CI.
 """
 
@@ -17,6 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 from common import DEFAULT_OMNIGLOT, REPO, fit_then_test
 
@@ -39,22 +47,59 @@ def main() -> None:
     parser.add_argument("--data_root", default=DEFAULT_OMNIGLOT)
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--output_dir", default=str(REPO / "runs" / "benchmark_mamlpp_ablation"))
+    parser.add_argument("--parallel", action="store_true")
+    parser.add_argument("--result_file", help=argparse.SUPPRESS)  # used by --parallel
     args, overrides = parser.parse_known_args()
+    arms = args.arms.split(",")
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
 
-    results = {}
-    for arm in args.arms.split(","):
-        results[arm] = fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
-                                     f"{args.output_dir}/{arm}", [*ARMS[arm], *overrides])
+    if args.parallel:
+        results = run_in_parallel(arms, sys.argv[1:])
+    else:
+        results = {arm: fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
+                                      f"{args.output_dir}/{arm}", [*ARMS[arm], *overrides])
+                   for arm in arms}
+    if args.result_file:
+        with open(args.result_file, "w") as f:
+            json.dump(results, f)
+        return
     print()
-    print(f"Omniglot 5-way 1-shot, {args.minutes:g} minutes of meta-training per arm on this CPU, "
-          f"{args.episodes} test episodes (mean +- 95% CI)")
+    how = "all arms at once, 1 thread each" if args.parallel else "one arm after another"
+    print(f"Omniglot 5-way 1-shot, {args.minutes:g} minutes of meta-training per arm on this CPU "
+          f"({how}), {args.episodes} test episodes (mean +- 95% CI)")
     print(f"{'arm':<16}{'meta-iterations':>16}{'test accuracy':>20}")
     for arm, r in results.items():
         print(f"{arm:<16}{r['meta_iterations']:>16d}{100 * r['test_acc']:>13.2f}% +- {100 * r['ci95']:.2f}")
     print(json.dumps({"benchmark": "mamlpp_ablation", "minutes_per_arm": args.minutes,
+                      "parallel": args.parallel,
                       "arms": {arm: {k: r[k] for k in ("test_acc", "ci95", "episodes",
                                                         "meta_iterations", "train_seconds")}
                                for arm, r in results.items()}}))
+
+
+def run_in_parallel(arms: list[str], argv: list[str]) -> dict:
+    """Each arm in a child process of this script, one thread each, all started together."""
+    argv = [a for a in argv if a != "--parallel" and not a.startswith("--arms")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        children = {}
+        for arm in arms:
+            result_file = os.path.join(folder, f"{arm}.json")
+            command = [sys.executable, __file__, f"--arms={arm}", f"--result_file={result_file}", *argv]
+            log = open(os.path.join(folder, f"{arm}.log"), "w")  # noqa: SIM115
+            children[arm] = (subprocess.Popen(command, env=environment, stdout=log, stderr=log),
+                             result_file, log)
+        results = {}
+        for arm, (child, result_file, log) in children.items():
+            if child.wait() != 0:
+                log.close()
+                sys.exit(f"arm {arm} failed:\n" + Path(log.name).read_text()[-3000:])
+            log.close()
+            with open(result_file) as f:
+                results.update(json.load(f))
+    return results
 
 
 if __name__ == "__main__":

@@ -84,3 +84,19 @@ def test_fit_then_test_end_to_end(fake_omniglot, tmp_path, capsys):
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     main(["test", *common, f"--ckpt_path={checkpoint}"])
     assert "Test accuracy over 6 episodes (3-way 1-shot" in capsys.readouterr().out
+
+
+def test_early_stopping_on_validation_accuracy_is_configurable():
+    cli = build_cli(["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acc",
+                     "--trainer.callbacks.mode=max", "--trainer.callbacks.patience=5",
+                     "--model.weight_decay=0.0001"], run=False)
+    stoppers = [c for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping"]
+    assert len(stoppers) == 1 and stoppers[0].monitor == "val/acc" and stoppers[0].patience == 5
+    assert cli.model.configure_optimizers().param_groups[0]["weight_decay"] == 0.0001
+
+
+def test_wandb_sweep_names_real_options():
+    sweep = yaml.safe_load((CONFIGS[0].parent / "sweeps" / "wandb_sweep.yaml").read_text())
+    options = [f"--{name}=1" for name in sweep["parameters"]]
+    cli = build_cli(options, run=False)  # parses: every swept option exists
+    assert cli.model.hparams.inner_steps == 1 and cli.datamodule.hparams.meta_batch_size == 1

@@ -203,7 +203,7 @@ def test_vmap_and_loop_agree_with_every_switch_on(first_order):
     assert l1.item() == pytest.approx(l2.item(), rel=1e-12)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert s1.keys() == s2.keys() and len(s1) > 0
+    assert s1.keys() == s2.keys() and any(k.endswith("/mean") for k in s1)
     for key in s1:
         torch.testing.assert_close(s1[key], s2[key])
 

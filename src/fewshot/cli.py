@@ -10,12 +10,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fewshot.data.datamodule import FewShotDataModule
 from fewshot.data.download import DatasetNotFoundError, IntegrityError
 from fewshot.module import MetaLearner
+from fewshot.observability import MetaGradientMonitor
 
 # The original project's flags, accepted and translated to their fewshot options.
 LEGACY_FLAGS = {
@@ -24,6 +26,11 @@ LEGACY_FLAGS = {
     "--query_samples": "--data.queries",
     "--batch_size": "--data.meta_batch_size",
     "--inner_loop_steps": "--model.inner_steps",
+    "--track_grad_norm": "--grad_monitor.norm_type",
+}
+# Flags of the original project that took no value.
+LEGACY_SWITCHES = {
+    "--wandb": "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
 }
 
 TRAINER_DEFAULTS = {
@@ -37,6 +44,9 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
     """``--episode_classes=20`` -> ``--data.ways=20`` (and the other original-project flags)."""
     translated = []
     for argument in argv:
+        if argument in LEGACY_SWITCHES:
+            translated.append(LEGACY_SWITCHES[argument])
+            continue
         flag, separator, value = argument.partition("=")
         translated.append(LEGACY_FLAGS.get(flag, flag) + separator + value)
     return translated
@@ -49,8 +59,11 @@ class FewShotCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.backbone.init_args.image_size")
         parser.link_arguments("data.channels", "model.backbone.init_args.in_channels")
         parser.set_defaults({"model.backbone": {"class_path": "fewshot.models.Conv4"}})
+        # CSV and TensorBoard in one run folder, no setup needed (fewshot.loggers).
         parser.set_defaults({"trainer.logger": {
-            "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}})
+            "class_path": "fewshot.loggers.RunLogger", "init_args": {"save_dir": "runs"}}})
+        # The original project's --track_grad_norm, and gradient histograms (fewshot.observability).
+        parser.add_lightning_class_args(MetaGradientMonitor, "grad_monitor")
         # Keep the best checkpoint by validation accuracy, and the last one for resuming.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
@@ -60,6 +73,17 @@ class FewShotCLI(LightningCLI):
             "--test_after_fit", type=bool, default=False,
             help="After fit, run the test episodes with the best checkpoint and print the accuracy.",
         )
+
+    def before_instantiate_classes(self) -> None:
+        # A Rich progress bar on a terminal; Lightning's plain one elsewhere (logs, CI), none
+        # with --trainer.enable_progress_bar false.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer", {})
+        if trainer.get("enable_progress_bar", True) is not False and sys.stdout.isatty():
+            callbacks = list(trainer.get("callbacks") or [])
+            if not any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks):
+                trainer["callbacks"] = [*callbacks, Namespace(
+                    class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace())]
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
@@ -83,10 +107,24 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FewShotCLI
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``fewshot`` console script.
 
-    User errors (missing data, impossible task sizes, bad values) end with one line on stderr
-    and exit code 2; set ``FEWSHOT_DEBUG=1`` to see the traceback instead.
+    ``fit``, ``validate`` and ``test`` go to LightningCLI; ``adapt`` and ``export`` (use a
+    trained model) to :mod:`fewshot.adapt_cli`. User errors (missing data or checkpoint,
+    impossible task sizes, bad images or values) end with one line on stderr and exit code 2;
+    set ``FEWSHOT_DEBUG=1`` to see the traceback instead.
     """
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        if argv and argv[0] == "report":
+            from fewshot.report import main as report_main
+
+            report_main(argv[1:])
+            return
+        if argv and argv[0] in ("adapt", "export"):
+            # Using a trained model needs no Trainer: plain argparse (fewshot.adapt_cli).
+            from fewshot.adapt_cli import main as adapt_main
+
+            adapt_main(argv)
+            return
         build_cli(args)
     except (DatasetNotFoundError, IntegrityError, ValueError, FileNotFoundError) as error:
         if os.environ.get("FEWSHOT_DEBUG"):

@@ -39,7 +39,8 @@ LearningRate = float | Mapping[str, Tensor]
 
 class QueryMetrics(NamedTuple):
     """What adapting and scoring produce: query ``losses`` and ``accuracies`` after each scored
-    step, and the batch statistics that per-step running batch norm recorded (usually empty)."""
+    step, and detached ``statistics`` by name: inner gradient norms per step, and the batch
+    statistics that per-step running batch norm recorded."""
 
     losses: Tensor
     accuracies: Tensor
@@ -72,11 +73,15 @@ def inner_sgd_step(
     """One step of gradient descent on the support loss, differentiable unless first order.
 
     ``step`` is the number of updates ``params`` already had. Returns the updated parameters
-    and the batch statistics recorded by per-step batch norm, if any.
+    and detached statistics: the inner gradient's norm (``inner_grad_norm/step_k``) and the
+    batch statistics recorded by per-step batch norm, if any.
     """
     grads, statistics = grad(partial(_support_loss, model, step), has_aux=True)(params, x, y)
     if first_order:
         grads = {name: g.detach() for name, g in grads.items()}
+    # Observability: the inner gradient's 2-norm per step (vanishing or exploding adaptation).
+    norm = torch.sqrt(sum(g.detach().square().sum() for g in grads.values()))
+    statistics = {**statistics, f"inner_grad_norm/step_{step}": norm}
     rate = learning_rate_at(lr, step)
     if isinstance(rate, dict):
         return {name: p - rate[name] * grads[name] for name, p in params.items()}, statistics

@@ -62,6 +62,8 @@ class MetaLearner(LightningModule):
         cosine_annealing: CA, cosine decay of ``meta_lr`` to ``min_meta_lr`` over the run's
             ``trainer.max_steps`` optimizer steps.
         min_meta_lr: the floor of the cosine schedule.
+        weight_decay: L2 penalty on the meta-parameters (Adam's ``weight_decay``), against
+            meta-overfitting.
     """
 
     def __init__(
@@ -85,12 +87,14 @@ class MetaLearner(LightningModule):
         batch_norm: BatchNormMode = "transductive",
         cosine_annealing: bool = False,
         min_meta_lr: float = 1e-5,
+        weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        for name, value in (("inner_lr", inner_lr), ("eval_inner_lr", eval_inner_lr), ("meta_lr", meta_lr)):
+        for name, value in (("inner_lr", inner_lr), ("eval_inner_lr", eval_inner_lr),
+                            ("meta_lr", meta_lr), ("weight_decay", weight_decay)):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
         resolve_batching(batching, torch.device("cpu"))  # validates the value early
@@ -196,6 +200,9 @@ class MetaLearner(LightningModule):
         self.log("train/loss", meta_loss, prog_bar=True, batch_size=tasks)
         self.log("train/acc", metrics.accuracies[:, -1].mean(), prog_bar=True, batch_size=tasks)
         self.log("train/second_order", float(not first_order), batch_size=tasks)
+        inner_norms = {f"train/{k}": v for k, v in metrics.statistics.items()
+                       if k.startswith("inner_grad_norm/")}
+        self.log_dict(inner_norms, batch_size=tasks)
         now = time.perf_counter()
         if self._last_step_time is not None:
             self.log("train/tasks_per_s", tasks / (now - self._last_step_time), prog_bar=True)
@@ -214,6 +221,8 @@ class MetaLearner(LightningModule):
         with torch.enable_grad():
             metrics = self._metrics(episodes, training=False)
         self._evaluation_accuracies.append(metrics.accuracies.detach())
+        stage = "test" if self._trainer is not None and self._trainer.testing else "val"
+        self.log(f"{stage}/loss", metrics.losses[:, -1].mean(), batch_size=episodes.num_tasks)
 
     def validation_step(self, episodes: Episodes, batch_idx: int) -> None:
         self._evaluation_step(episodes)
@@ -265,7 +274,8 @@ class MetaLearner(LightningModule):
             )
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr,
+                                     weight_decay=self.hparams.weight_decay)
         if not self.hparams.cosine_annealing:
             return optimizer
         total_steps = self.trainer.max_steps

@@ -8,16 +8,23 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from fewshot.data.augmentation import Augmentation, AugmentPer
+from fewshot.data.cifar_fs import CIFARFS
+from fewshot.data.class_images import check_disjoint_splits
 from fewshot.data.episodes import (
     TEST_STREAM,
     VALIDATION_STREAM,
+    ClassImages,
     EvaluationEpisodes,
     MetaBatches,
     StepSampler,
 )
+from fewshot.data.image_folder import ImageFolder
+from fewshot.data.mini_imagenet import MiniImageNet
 from fewshot.data.omniglot import Omniglot
 
-DATASETS = {"omniglot": Omniglot}
+DATASETS = {"omniglot": Omniglot, "mini_imagenet": MiniImageNet, "cifar_fs": CIFARFS,
+            "folder": ImageFolder}
 
 
 def default_root(dataset: str) -> Path:
@@ -33,14 +40,19 @@ class FewShotDataModule(LightningDataModule):
     per meta-batch) is ``meta_batch_size``.
 
     Args:
-        dataset: dataset name (``omniglot``).
+        dataset: ``omniglot``, ``mini_imagenet``, ``cifar_fs`` or ``folder`` (your own images,
+            ``root/{train,val,test}/<class>/<images>`` or ``root/<class>/<images>``).
         root: folder with the dataset's archives or extracted folders (default: see
             :func:`default_root`).
-        download: download the official archives into ``root`` if missing.
-        class_split: which classes form train/val/test: ``maml`` (seeded 1100/100/423 characters),
-            ``lake`` (background/evaluation; no validation set), or a folder of split files.
+        download: download the official archives into ``root`` if missing (Omniglot, CIFAR-FS).
+        class_split: which classes form train/val/test; None is the dataset's standard split.
+            Omniglot: ``maml`` (default; seeded 1100/100/423 characters), ``lake``
+            (background/evaluation; no validation set) or a folder of split files.
+            mini-ImageNet: ``ravi`` (default, the only one). CIFAR-FS: ``bertinetto`` (default)
+            or a folder of split files. folder: ``folders`` (default when ``root`` has split
+            folders), ``random`` (seeded by ``split_seed``) or a folder of split files.
         image_size: images are resized to ``image_size x image_size``.
-        channels: image channels the model expects (1 for Omniglot).
+        channels: image channels the model expects: 1 (Omniglot; grayscale) or 3 (RGB).
         ways, shots, queries: N, K and query images per class of training tasks.
         meta_batch_size: tasks per training meta-batch.
         eval_queries: query images per class of validation and test tasks.
@@ -51,6 +63,12 @@ class FewShotDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_dir: writable folder for decoded-image caches (default ``$FEWSHOT_CACHE_DIR`` or
             ``~/.cache/fewshot``).
+        skip_bad_images: leave unreadable image files out with one warning instead of failing.
+        split_seed: seed of seeded class splits (Omniglot ``maml``, folder ``random``).
+        random_crop_padding, horizontal_flip, color_jitter: training augmentation, see
+            :class:`fewshot.data.augmentation.Augmentation`; validation and test are never
+            augmented.
+        augment_per: ``image`` (independent draws) or ``task`` (one draw per task).
     """
 
     def __init__(
@@ -58,7 +76,7 @@ class FewShotDataModule(LightningDataModule):
         dataset: str = "omniglot",
         root: str | None = None,
         download: bool = False,
-        class_split: str = "maml",
+        class_split: str | None = None,
         image_size: int = 28,
         channels: int = 1,
         ways: int = 5,
@@ -73,24 +91,46 @@ class FewShotDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        skip_bad_images: bool = False,
+        split_seed: int = 0,
+        random_crop_padding: int = 0,
+        horizontal_flip: bool = False,
+        color_jitter: float = 0.0,
+        augment_per: AugmentPer = "image",
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
         if dataset == "omniglot" and channels != 1:
             raise ValueError(f"Omniglot images have 1 channel, got channels={channels}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.root = Path(root) if root is not None else default_root(dataset)
         self.eval_batch_size = eval_batch_size or meta_batch_size
-        self._splits: dict[str, object] = {}
+        augmentation = Augmentation(random_crop_padding, horizontal_flip, color_jitter, augment_per)
+        self.augmentation = augmentation if augmentation.enabled else None
+        self._splits: dict[str, ClassImages] = {}
 
-    def _load_split(self, split: str, download: bool = False):
+    def _load_split(self, split: str, download: bool = False) -> ClassImages:
         hp = self.hparams
         if split not in self._splits:
-            self._splits[split] = DATASETS[hp.dataset](
-                self.root, split=split, class_split=hp.class_split, image_size=hp.image_size,
-                download=download, cache_dir=hp.cache_dir,
-            )
+            options = dict(split=split, class_split=hp.class_split, image_size=hp.image_size,
+                           download=download, cache_dir=hp.cache_dir)
+            if hp.dataset in ("omniglot", "folder"):
+                options["split_seed"] = hp.split_seed
+            if hp.dataset != "omniglot":
+                options.update(channels=hp.channels, skip_bad_images=hp.skip_bad_images)
+            if hp.dataset == "omniglot" and hp.class_split is None:
+                options["class_split"] = "maml"
+            dataset = DATASETS[hp.dataset](self.root, **options)
+            self._splits[split] = dataset
+            # Splits built separately (e.g. from pickles) must not share classes either.
+            check_disjoint_splits(
+                {name: dict(zip(s.classes, s.class_sizes, strict=True))
+                 for name, s in self._splits.items()}, f"{hp.dataset} in {self.root}")
         return self._splits[split]
 
     def prepare_data(self) -> None:
@@ -102,7 +142,7 @@ class FewShotDataModule(LightningDataModule):
         if stage == "fit":
             self.train_set = MetaBatches(
                 self._load_split("train"), hp.ways, hp.shots, hp.queries, hp.meta_batch_size,
-                hp.seed, length=2**62, split="train",
+                hp.seed, length=2**62, split="train", augmentation=self.augmentation,
             )
         if stage in ("fit", "validate"):
             self.val_set = self._evaluation_episodes("val", hp.val_episodes, VALIDATION_STREAM)

@@ -8,7 +8,7 @@ batching or the number of DataLoader workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +20,12 @@ from fewshot.episode import Episodes
 
 # Distinct random streams, so training and evaluation never share tasks by accident of seeds.
 TRAIN_STREAM, VALIDATION_STREAM, TEST_STREAM = 0, 1, 2
+# Augmentation draws from its own stream: switching it on changes how a meta-batch's images
+# look, never which classes and images it holds.
+TRAIN_AUGMENTATION_STREAM = 3
+
+# Takes float images [n, C, H, W] of one task and a generator; returns them transformed.
+TaskAugmentation = Callable[[Tensor, np.random.Generator], Tensor]
 
 
 class ClassImages(Protocol):
@@ -48,10 +54,18 @@ def check_task_size(dataset: ClassImages, split: str, ways: int, shots: int, que
     needed = shots + queries
     smallest = int(np.argmin(dataset.class_sizes))
     if dataset.class_sizes[smallest] < needed:
+        # Every short class at once, smallest first, so one run shows everything to fix.
+        short = sorted((n, name) for name, n in zip(dataset.classes, dataset.class_sizes,
+                                                    strict=True) if n < needed)
+        others = ""
+        if len(short) > 1:
+            listed = ", ".join(f"{name!r} ({n})" for n, name in short[:20])
+            more = f" and {len(short) - 20} more" if len(short) > 20 else ""
+            others = f"; {len(short)} classes have fewer than {needed}: {listed}{more}"
         raise ValueError(
             f"{shots} support + {queries} query images per class need {needed} images, but class "
             f"{dataset.classes[smallest]!r} of the {split!r} split has only "
-            f"{dataset.class_sizes[smallest]}"
+            f"{dataset.class_sizes[smallest]}{others}"
         )
 
 
@@ -94,17 +108,22 @@ class MetaBatches(Dataset[Episodes]):
         tasks_per_batch: T, tasks per meta-batch.
         seed: with the step, determines every task.
         length: steps available (the DataLoader's sampler picks which ones).
+        augmentation: applied to each task's support and query images together (e.g.
+            :class:`fewshot.data.augmentation.Augmentation`), with a generator that is a pure
+            function of ``(seed, step)``; None for none.
     """
 
     def __init__(
         self, dataset: ClassImages, ways: int, shots: int, queries: int,
         tasks_per_batch: int, seed: int, length: int, split: str = "train",
+        augmentation: TaskAugmentation | None = None,
     ) -> None:
         check_task_size(dataset, split, ways, shots, queries)
         if tasks_per_batch < 1:
             raise ValueError(f"meta_batch_size must be >= 1, got {tasks_per_batch}")
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.tasks_per_batch, self.seed, self.length = tasks_per_batch, seed, length
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return self.length
@@ -115,7 +134,16 @@ class MetaBatches(Dataset[Episodes]):
             sample_task(self.dataset, self.ways, self.shots, self.queries, rng)
             for _ in range(self.tasks_per_batch)
         ]
+        if self.augmentation is not None:
+            augment_rng = task_rng(self.seed, TRAIN_AUGMENTATION_STREAM, step)
+            tasks = [self._augmented(task, augment_rng) for task in tasks]
         return stack_tasks(tasks)
+
+    def _augmented(self, task: tuple[Tensor, Tensor, Tensor, Tensor],
+                   rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        support_x, support_y, query_x, query_y = task
+        images = self.augmentation(torch.cat([support_x, query_x]), rng)
+        return images[:len(support_x)], support_y, images[len(support_x):], query_y
 
 
 class EvaluationEpisodes(Dataset[Episodes]):

@@ -1,0 +1,168 @@
+"""Find and read a meta-trained model: an export folder, a Lightning run folder or a ``.ckpt``.
+
+Lightning checkpoints are pickles, so they are read with ``torch.load(weights_only=True)``,
+which refuses to call anything: a file that asks to (a code-execution payload) is reported,
+not run. The backbone is rebuilt from the run's ``config.yaml`` (read with ``yaml.safe_load``)
+when there is one, else inferred from the shapes of the weights; how the training images were
+prepared comes from the data-module settings Lightning stores in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from fewshot.export import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    ModelFiles,
+    make_metadata,
+    read_export,
+)
+from fewshot.images import Preprocessing
+
+CONV4_WEIGHTS = [f"network.features.blocks.{index}.weight" for index in (0, 4, 8, 12)]
+
+
+def read_model(path: str | Path) -> ModelFiles:
+    """Read a model from an export, a run folder or a Lightning checkpoint file.
+
+    A run folder is ``lightning_logs/version_N`` (or a folder holding such versions, of which
+    the latest is used); its ``checkpoints/best-*.ckpt`` is preferred over ``last.ckpt``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        if (path / METADATA_FILE).exists() or (path / WEIGHTS_FILE).exists():
+            return read_export(path)
+        return read_lightning_checkpoint(find_run_checkpoint(path))
+    if path.name in (METADATA_FILE, WEIGHTS_FILE):
+        return read_export(path.parent)
+    return read_lightning_checkpoint(path)
+
+
+def find_run_checkpoint(directory: Path) -> Path:
+    """The checkpoint to use in a run folder (see :func:`read_model`)."""
+    versions = [directory] if (directory / "checkpoints").is_dir() else sorted(
+        (d for d in [*directory.glob("version_*"), *directory.glob("lightning_logs/version_*")]
+         if (d / "checkpoints").is_dir()),
+        key=lambda d: int(m.group(1)) if (m := re.fullmatch(r"version_(\d+)", d.name)) else -1,
+    )
+    folder = versions[-1] / "checkpoints" if versions else directory
+    found = sorted(folder.glob("*.ckpt"))
+    best = [c for c in found if c.name.startswith("best")]
+    if len(best) == 1:
+        return best[0]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint in {directory}: expected an export ({METADATA_FILE} + {WEIGHTS_FILE}), "
+            "a run folder with checkpoints/*.ckpt, or a folder of lightning_logs/version_N runs"
+        )
+    raise CheckpointError(f"{folder} holds {len(found)} checkpoints and no last.ckpt; "
+                          f"pass one of them: {', '.join(c.name for c in found)}")
+
+
+def read_lightning_checkpoint(path: Path) -> ModelFiles:
+    checkpoint = _load_weights_only(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    state_dict = checkpoint["state_dict"]
+    if not all(isinstance(t, Tensor) for t in state_dict.values()):
+        raise CheckpointError(f"{path}: its state_dict holds something other than tensors")
+    hyper_parameters = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items()
+                        if not k.startswith("_")}  # Lightning's own entries, e.g. _instantiator
+    config_path = _run_config_path(path)
+    config = _read_config(config_path) if config_path else {}
+    data = checkpoint.get("datamodule_hyper_parameters") or config.get("data")
+    if not isinstance(data, dict) or not {"image_size", "channels"} <= set(data):
+        raise CheckpointError(
+            f"{path} does not say how its training images were prepared (no data-module "
+            "settings in it, and no config.yaml next to it): export it from the run that made it"
+        )
+    backbone_spec = (config.get("model") or {}).get("backbone")
+    if backbone_spec is not None:
+        backbone = _backbone_from_config(backbone_spec, data, config_path)
+    else:
+        backbone = _infer_conv4(state_dict, data, path)
+    try:
+        preprocessing = Preprocessing.for_dataset(data.get("dataset", "omniglot"),
+                                                  data["image_size"], data["channels"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    source = {"checkpoint": path.name, "global_step": checkpoint.get("global_step"),
+              "dataset": data.get("dataset"), "class_split": data.get("class_split")}
+    metadata = make_metadata(backbone, hyper_parameters, preprocessing, source)
+    return ModelFiles(metadata, dict(state_dict), path)
+
+
+def _load_weights_only(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types on damaged input
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "GLOBAL" in line), None)
+        if culprit is not None:
+            raise CheckpointError(f"{path} was refused: loading it would run code it names, "
+                                  f"which fewshot never does. {culprit}") from error
+        # The weights-only unpickler's own words are the useful part, not its generic preamble.
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint "
+                              f"({type(error).__name__}: {detail[:200]})") from error
+
+
+def _run_config_path(checkpoint: Path) -> Path | None:
+    # Lightning CLI writes version_N/config.yaml and version_N/checkpoints/*.ckpt.
+    for folder in (checkpoint.parent.parent, checkpoint.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{path} is not a readable run configuration ({error})") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a run configuration (expected a mapping)")
+    return config
+
+
+def _backbone_from_config(spec: Any, data: dict[str, Any], config_path: Path | None) -> dict:
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{config_path}: model.backbone is not a class_path/init_args mapping")
+    init_args = dict(spec.get("init_args") or {})
+    # The CLI links these from the data settings, so config.yaml leaves them out.
+    init_args.setdefault("in_channels", data["channels"])
+    init_args.setdefault("image_size", data["image_size"])
+    return {"class_path": spec.get("class_path"), "init_args": init_args}
+
+
+def _infer_conv4(state_dict: dict[str, Tensor], data: dict[str, Any], path: Path) -> dict:
+    shapes = [tuple(state_dict[k].shape) if k in state_dict else None for k in CONV4_WEIGHTS]
+    if any(s is None or len(s) != 4 for s in shapes):
+        raise CheckpointError(
+            f"cannot tell the backbone of {path}: there is no config.yaml next to it and its "
+            "weights are not those of a fewshot Conv4"
+        )
+    hidden_channels, in_channels = shapes[0][:2]
+    # torch's BatchNorm2d counts its batches; fewshot's batch norms (MAML++'s per-step ones are
+    # made from the transductive kind by MetaLearner itself) do not.
+    tracks_statistics = "network.features.blocks.1.num_batches_tracked" in state_dict
+    norm = "torch.nn.BatchNorm2d" if tracks_statistics else "fewshot.models.TransductiveBatchNorm2d"
+    return {"class_path": "fewshot.models.Conv4",
+            "init_args": {"in_channels": in_channels, "hidden_channels": hidden_channels,
+                          "image_size": data["image_size"], "norm_layer": {"class_path": norm}}}

@@ -1,0 +1,166 @@
+"""Decoding image files and arrays into uint8 ``[C, S, S]`` arrays, strictly and in parallel.
+
+Every image, whatever its format, mode or size, goes through the same steps: camera rotation
+applied (EXIF), transparency composited onto white, converted to grayscale (``L``) or RGB,
+LANCZOS-resized to ``S x S``. These are the steps :mod:`fewshot.images` applies to new images
+at inference, so a trained model sees its inputs prepared exactly like its training data.
+
+A file that cannot be decoded (empty, truncated, corrupt, not an image) is never silently
+dropped: :func:`decode_image_files` names every such file in one :class:`BadImageError`, or,
+when the caller opts in, skips them and says so in one summary warning.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fewshot.data.download import IntegrityError
+
+__all__ = ["BadImageError", "decode_image_files", "prepare_image", "prepare_image_array",
+           "report_bad_images"]
+
+# Below this many files a process pool costs more than it saves.
+_POOL_MIN_FILES = 2000
+_FILES_PER_TASK = 256
+# How many bad files an error or warning names before summarising the rest as a count.
+_NAMED_BAD_FILES = 20
+
+
+class BadImageError(IntegrityError):
+    """One or more image files cannot be decoded; the message names them and why."""
+
+
+def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A PIL image as uint8 ``[channels, size, size]`` (see the module docstring for the steps)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # Transparent pixels become white paper; dropping alpha would make them black.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.LANCZOS)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def prepare_image_array(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 RGB images ``[N, H, W, 3]`` as uint8 ``[N, channels, size, size]``.
+
+    Already-decoded distributions (CIFAR-100, the mini-ImageNet pickles) pass through here, so
+    their grayscale conversion and resizing are PIL's, the same as for image files.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB images [N, H, W, 3], got {images.dtype} "
+                         f"{list(images.shape)}")
+    if channels == 3 and images.shape[1:3] == (size, size):
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    out = np.empty((len(images), channels, size, size), dtype=np.uint8)
+    for i, pixels in enumerate(images):
+        out[i] = prepare_image(Image.fromarray(pixels), size, channels)
+    return out
+
+
+def _decode_file(path: str, size: int, channels: int) -> np.ndarray | str:
+    """The decoded image, or why the file is not a usable image."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            image.load()  # decodes everything now, so a truncated file fails here
+            return prepare_image(image, size, channels)
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except Image.DecompressionBombError as exc:
+        return f"refused as a possible decompression bomb ({exc})"
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        return f"corrupt or truncated ({exc})"
+
+
+def _decode_chunk(task: tuple[list[str], int, int]) -> tuple[list[np.ndarray | None], list[str]]:
+    paths, size, channels = task
+    images: list[np.ndarray | None] = []
+    problems: list[str] = []
+    for path in paths:
+        result = _decode_file(path, size, channels)
+        images.append(None if isinstance(result, str) else result)
+        problems.append(result if isinstance(result, str) else "")
+    return images, problems
+
+
+def _progress(results: Iterator, total: int, description: str) -> Iterator:
+    if not sys.stdout.isatty():
+        yield from results
+        return
+    from rich.progress import Progress
+
+    with Progress() as progress:
+        bar = progress.add_task(description, total=total)
+        for chunk in results:
+            progress.advance(bar, len(chunk[0]))
+            yield chunk
+
+
+def decode_image_files(paths: Sequence[str | Path], size: int, channels: int,
+                       description: str = "Decoding images") -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decode ``paths`` into uint8 ``[n_good, channels, size, size]``, in order.
+
+    Returns the images of the readable files and ``(path, reason)`` for every other file (the
+    caller decides, with :func:`report_bad_images`, whether that is an error). Large jobs run in
+    a pool of forked processes.
+    """
+    names = [str(p) for p in paths]
+    tasks = [(names[i:i + _FILES_PER_TASK], size, channels)
+             for i in range(0, len(names), _FILES_PER_TASK)]
+    workers = min(os.cpu_count() or 1, 8)
+    # Daemonic processes (e.g. DataLoader workers) may not have children; fork because spawn
+    # would re-import torch in every worker, eating most of the gain.
+    use_pool = (workers > 1 and len(names) >= _POOL_MIN_FILES
+                and not multiprocessing.current_process().daemon
+                and "fork" in multiprocessing.get_all_start_methods())
+    if use_pool:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            chunks = list(_progress(pool.imap(_decode_chunk, tasks), len(names), description))
+    else:
+        chunks = list(_progress(map(_decode_chunk, tasks), len(names), description))
+    good: list[np.ndarray] = []
+    bad: list[tuple[str, str]] = []
+    for (task_paths, _, _), (images, problems) in zip(tasks, chunks, strict=True):
+        for path, image, problem in zip(task_paths, images, problems, strict=True):
+            if image is None:
+                bad.append((path, problem))
+            else:
+                good.append(image)
+    stacked = (np.stack(good) if good
+               else np.empty((0, channels, size, size), dtype=np.uint8))
+    return stacked, bad
+
+
+def _listing(bad: Sequence[tuple[str, str]]) -> str:
+    named = "\n".join(f"  {path}: {reason}" for path, reason in bad[:_NAMED_BAD_FILES])
+    more = len(bad) - _NAMED_BAD_FILES
+    return named + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def report_bad_images(bad: Sequence[tuple[str, str]], skip: bool, what: str) -> None:
+    """Raise :class:`BadImageError` naming the bad files, or warn once if ``skip``.
+
+    ``what`` says where they are (e.g. "the 'train' split of mini-ImageNet in /data/mini").
+    """
+    if not bad:
+        return
+    if not skip:
+        raise BadImageError(
+            f"{len(bad)} file(s) in {what} cannot be used as images:\n{_listing(bad)}\n"
+            "Fix or remove them, or pass skip_bad_images=True to leave them out."
+        )
+    warnings.warn(f"Skipped {len(bad)} unreadable file(s) in {what}:\n{_listing(bad)}",
+                  stacklevel=3)

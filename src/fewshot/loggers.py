@@ -1,0 +1,90 @@
+"""The default run logger: CSV and TensorBoard in one run folder, with no extra setup.
+
+Two separate Lightning loggers would each pick their own ``version_N`` folder; this one writes
+``metrics.csv`` and the TensorBoard event file side by side, so a run is one folder that
+``fewshot report`` and ``tensorboard --logdir`` both read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+
+class RunLogger(CSVLogger):
+    """:class:`~lightning.pytorch.loggers.CSVLogger` that also writes TensorBoard events.
+
+    Args:
+        save_dir: parent folder of the runs.
+        name: experiment folder inside ``save_dir``.
+        version: run folder name or number (default: the next free ``version_N``).
+        tensorboard: also write TensorBoard events (scalars and histograms).
+    """
+
+    def __init__(self, save_dir: str = "runs", name: str = "lightning_logs",
+                 version: int | str | None = None, tensorboard: bool = True) -> None:
+        super().__init__(save_dir=save_dir, name=name, version=version)
+        self._tensorboard = tensorboard
+        self._writer = None
+
+    @property
+    def tensorboard(self):
+        """The ``SummaryWriter`` of this run (created on first use), or None if disabled."""
+        if self._writer is None and self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                if name != "epoch":
+                    self.tensorboard.add_scalar(name, float(value), global_step=step)
+
+    @rank_zero_only
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None:
+        """A histogram of ``values`` in TensorBoard (``fewshot report`` keeps its own)."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_histogram(name, values.detach().float().cpu(), global_step=step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Any, metrics: Any = None) -> None:
+        super().log_hyperparams(params)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    @rank_zero_only
+    def save(self) -> None:
+        super().save()
+        if self._writer is not None:
+            self._writer.flush()
+
+
+def log_histogram(logger: object, name: str, values: Tensor, step: int) -> None:
+    """Send a histogram to any logger that takes one (fewshot's, TensorBoard's, W&B's)."""
+    if isinstance(logger, RunLogger):
+        logger.log_histogram(name, values, step)
+        return
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_histogram"):  # TensorBoardLogger
+        experiment.add_histogram(name, values.detach().float().cpu(), global_step=step)
+    elif type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        logger.log_metrics({name: wandb.Histogram(values.detach().float().cpu().numpy())}, step=step)
+
+
+__all__ = ["RunLogger", "log_histogram"]

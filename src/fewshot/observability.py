@@ -1,0 +1,95 @@
+"""What a run shows while it trains: meta-gradient norms and histograms, learned inner rates.
+
+The original project tracked ``--track_grad_norm=2`` (removed in Lightning 2) and watched its
+gradient histograms collapse to zero. :class:`MetaGradientMonitor` gives both back: the norm of
+the meta-gradient, total and per parameter tensor, every ``log_every_n_steps``; histograms of
+meta-gradients and weights to TensorBoard / W&B every ``histogram_every_n_steps``, plus a
+compact copy in the run folder (``histograms.jsonl``) that ``fewshot report`` draws without a
+server; and MAML++'s learned inner learning rates over time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import grad_norm, rank_zero_only
+from torch import Tensor
+
+from fewshot.loggers import log_histogram
+
+# Histogram bins of log10 |value|: gradients that collapse to zero slide to the left edge.
+LOG10_BINS = torch.linspace(-12.0, 2.0, 57)
+
+
+def log_magnitude_histogram(values: Tensor) -> list[int]:
+    """Counts of ``log10 |values|`` in :data:`LOG10_BINS` (exact zeros in the first bin)."""
+    magnitudes = values.detach().abs().flatten().double().clamp_min(1e-300).log10()
+    magnitudes = magnitudes.clamp(LOG10_BINS[0].item(), LOG10_BINS[-1].item())
+    counts = torch.histc(magnitudes, bins=len(LOG10_BINS) - 1,
+                         min=LOG10_BINS[0].item(), max=LOG10_BINS[-1].item())
+    return [int(c) for c in counts.tolist()]
+
+
+class MetaGradientMonitor(Callback):
+    """Log meta-gradient norms, histograms and learned inner rates.
+
+    Args:
+        norm_type: the p of the p-norm (2 as the original ``--track_grad_norm=2``); ``0``
+            switches norm logging off.
+        log_every_n_steps: interval of norm and inner-rate logging.
+        histogram_every_n_steps: interval of histograms (``0``: never).
+    """
+
+    def __init__(self, norm_type: float = 2.0, log_every_n_steps: int = 25,
+                 histogram_every_n_steps: int = 250) -> None:
+        if norm_type < 0 or log_every_n_steps < 1 or histogram_every_n_steps < 0:
+            raise ValueError(
+                f"need norm_type >= 0, log_every_n_steps >= 1, histogram_every_n_steps >= 0; got "
+                f"{norm_type}, {log_every_n_steps}, {histogram_every_n_steps}")
+        self.norm_type, self.log_every = norm_type, log_every_n_steps
+        self.histogram_every = histogram_every_n_steps
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        step = trainer.global_step
+        if self.norm_type and step % self.log_every == 0:
+            # grad_norm names them grad_<p>_norm/<parameter> and grad_<p>_norm_total.
+            norms = grad_norm(pl_module, norm_type=self.norm_type)
+            pl_module.log_dict({f"meta_grad/{k}": v for k, v in norms.items()})
+        rates = getattr(pl_module, "inner_lrs", None)
+        if rates is not None and step % self.log_every == 0:
+            pl_module.log_dict({f"inner_lr/{name}/step_{k}": value
+                                for name, steps in rates.items()
+                                for k, value in enumerate(steps.detach().tolist())})
+        if self.histogram_every and step % self.histogram_every == 0:
+            self._histograms(trainer, pl_module, step)
+
+    def _histograms(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        gradients = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
+        if not gradients:
+            return
+        for logger in trainer.loggers:
+            for name, gradient in gradients.items():
+                log_histogram(logger, f"meta_grad/{name}", gradient, step)
+            for name, parameter in pl_module.named_parameters():
+                log_histogram(logger, f"weight/{name}", parameter, step)
+        everything = torch.cat([g.flatten() for g in gradients.values()])
+        record = {"step": step, "bins_log10": LOG10_BINS.tolist(),
+                  "meta_grad": log_magnitude_histogram(everything),
+                  "per_parameter": {n: log_magnitude_histogram(g) for n, g in gradients.items()},
+                  "meta_grad_zero_fraction": float((everything == 0).double().mean())}
+        self._append(trainer, record)
+
+    @rank_zero_only
+    def _append(self, trainer: Trainer, record: dict) -> None:
+        folder = trainer.log_dir
+        if folder is None:
+            return
+        path = Path(folder) / "histograms.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+

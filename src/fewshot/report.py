@@ -1,0 +1,179 @@
+"""``fewshot report RUN_DIR``: pictures of a run from its logs, no server needed.
+
+Reads what a run folder holds (``metrics.csv``, ``histograms.jsonl``, ``test_results.json``,
+``config.yaml``) and writes PNG figures plus ``report.md`` into ``RUN_DIR/report/``:
+
+- ``loss_accuracy.png``: meta-train vs validation loss and accuracy (overfitting at a glance);
+- ``grad_norm.png``: meta-gradient norm over time, and the inner-loop gradient norm per step;
+- ``grad_histograms.png``: a heatmap of log10 |meta-gradient| over time (collapse to zero
+  shows as mass sliding to the left edge);
+- ``test_per_step.png``: test accuracy after each inner step, with 95% intervals;
+- ``inner_lrs.png``: MAML++'s learned inner learning rates per layer and step, over time.
+
+Figures whose data the run does not have are skipped and listed as such in the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.csv`` as ``{column: [(step, value), ...]}`` without the empty cells."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for name, value in row.items():
+                if name not in ("step", "epoch") and value not in ("", None):
+                    series[name].append((step, float(value)))
+    return dict(series)
+
+
+def find_run(folder: Path) -> Path:
+    """The run folder itself, or the newest ``version_N`` below it."""
+    if (folder / "metrics.csv").exists():
+        return folder
+    runs = sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"no metrics.csv in {folder} or below it: is it a fewshot run folder?")
+    return runs[-1].parent
+
+
+def _plot(ax, series, name, label=None, **style) -> bool:
+    if name not in series:
+        return False
+    steps, values = zip(*series[name], strict=True)
+    ax.plot(steps, values, label=label or name, **style)
+    return True
+
+
+def figure_loss_accuracy(series, out: Path) -> bool:
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = _plot(loss_ax, series, "train/loss", "meta-train", alpha=0.8)
+    drawn |= _plot(loss_ax, series, "val/loss", "validation", marker="o")
+    drawn |= _plot(acc_ax, series, "train/acc", "meta-train", alpha=0.8)
+    drawn |= _plot(acc_ax, series, "val/acc", "validation", marker="o")
+    for ax, title in ((loss_ax, "query loss"), (acc_ax, "query accuracy")):
+        ax.set(title=title, xlabel="meta-iteration")
+        ax.legend()
+    return _save(fig, out, drawn)
+
+
+def figure_grad_norm(series, out: Path) -> bool:
+    total = [k for k in series if k.startswith("meta_grad/") and k.endswith("_norm_total")]
+    inner = sorted(k for k in series if k.startswith("train/inner_grad_norm/"))
+    fig, (meta_ax, inner_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = any([_plot(meta_ax, series, k, "total") for k in total])
+    for k in inner:
+        drawn |= _plot(inner_ax, series, k, k.rsplit("/", 1)[-1].replace("_", " "))
+    meta_ax.set(title="meta-gradient norm", xlabel="meta-iteration", yscale="log")
+    inner_ax.set(title="inner-loop gradient norm", xlabel="meta-iteration", yscale="log")
+    for ax in (meta_ax, inner_ax):
+        if ax.lines:
+            ax.legend()
+    return _save(fig, out, drawn)
+
+
+def figure_grad_histograms(path: Path, out: Path) -> bool:
+    if not path.exists():
+        return False
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return False
+    counts = [[c / max(sum(r["meta_grad"]), 1) for c in r["meta_grad"]] for r in records]
+    bins = records[0]["bins_log10"]
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    image = ax.imshow(list(map(list, zip(*counts, strict=True))), aspect="auto", origin="lower",
+                      extent=(min(steps), max(steps) + 1, bins[0], bins[-1]), cmap="magma")
+    fig.colorbar(image, ax=ax, label="fraction of meta-gradient entries")
+    ax.set(title="meta-gradient magnitudes over time", xlabel="meta-iteration",
+           ylabel="log10 |gradient|")
+    return _save(fig, out, True)
+
+
+def figure_test_per_step(result: dict | None, out: Path) -> bool:
+    if not result:
+        return False
+    rows = result["per_step"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar([r["inner_step"] for r in rows], [100 * r["accuracy"] for r in rows],
+                yerr=[100 * (r["ci95"] if math.isfinite(r["ci95"]) else 0) for r in rows],
+                marker="o", capsize=4)
+    ax.set(title=f"test accuracy over {result['episodes']} episodes (95% CI)",
+           xlabel="inner steps", ylabel="accuracy (%)")
+    return _save(fig, out, True)
+
+
+def figure_inner_lrs(series, out: Path) -> bool:
+    names = sorted(k for k in series if k.startswith("inner_lr/"))
+    if not names:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in names:
+        _plot(ax, series, name, name.removeprefix("inner_lr/"), linewidth=1)
+    ax.set(title="learned inner learning rates (per layer and step)", xlabel="meta-iteration")
+    ax.legend(fontsize=5, ncol=2)
+    return _save(fig, out, True)
+
+
+def _save(fig, out: Path, drawn: bool) -> bool:
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def write_report(run: Path) -> list[Path]:
+    """Write the figures and ``report.md`` for the run in ``run``; returns the files written."""
+    run = find_run(run)
+    out = run / "report"
+    out.mkdir(exist_ok=True)
+    series = read_metrics(run / "metrics.csv")
+    test_path = run / "test_results.json"
+    result = json.loads(test_path.read_text()) if test_path.exists() else None
+    figures = {
+        "loss_accuracy.png": figure_loss_accuracy(series, out / "loss_accuracy.png"),
+        "grad_norm.png": figure_grad_norm(series, out / "grad_norm.png"),
+        "grad_histograms.png": figure_grad_histograms(run / "histograms.jsonl",
+                                                       out / "grad_histograms.png"),
+        "test_per_step.png": figure_test_per_step(result, out / "test_per_step.png"),
+        "inner_lrs.png": figure_inner_lrs(series, out / "inner_lrs.png"),
+    }
+    lines = [f"# Run report: {run}", ""]
+    if result:
+        lines += [f"**Test accuracy**: {100 * result['accuracy']:.2f}% +- {100 * result['ci95']:.2f}% "
+                  f"(95% CI, {result['episodes']} episodes, {result['inner_steps']} inner steps)", ""]
+    if "val/acc" in series:
+        step, best = max(series["val/acc"], key=lambda sv: sv[1])
+        lines += [f"**Best validation accuracy**: {100 * best:.2f}% at meta-iteration {step}", ""]
+    lines += ["## Figures", ""]
+    for name, drawn in figures.items():
+        lines.append(f"![{name}]({name})" if drawn else f"- {name}: not drawn (no data in this run)")
+    config = run / "config.yaml"
+    if config.exists():
+        lines += ["", "## Configuration", "", "```yaml", config.read_text().rstrip(), "```"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return [out / n for n, drawn in figures.items() if drawn] + [out / "report.md"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fewshot report", description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run folder (runs/lightning_logs/version_N) or its parent")
+    args = parser.parse_args(argv)
+    if not args.run.exists():
+        raise FileNotFoundError(f"run folder {args.run} does not exist")
+    for path in write_report(args.run):
+        print(path)

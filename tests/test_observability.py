@@ -1,0 +1,127 @@
+"""Gradient tracking, the default loggers and `fewshot report` on a tiny real run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from PIL import Image
+
+from fewshot.cli import main, translate_legacy_flags
+from fewshot.data.datamodule import FewShotDataModule
+from fewshot.loggers import RunLogger
+from fewshot.models import Conv4
+from fewshot.module import MetaLearner
+from fewshot.observability import MetaGradientMonitor, log_magnitude_histogram
+from fewshot.report import write_report
+
+
+class GradientRecorder(Callback):
+    def __init__(self) -> None:
+        self.gradients: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.gradients.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+
+def tiny_fit(fake_omniglot, tmp_path, **model_options):
+    root, cache = fake_omniglot
+    data = FewShotDataModule(root=str(root), cache_dir=str(cache), ways=3, queries=2,
+                             meta_batch_size=2, eval_queries=2, val_episodes=2, test_episodes=3,
+                             steps_per_epoch=3, image_size=28)
+    torch.manual_seed(0)
+    model = MetaLearner(Conv4(1, 4, 28), ways=3, inner_steps=2, **model_options)
+    recorder = GradientRecorder()
+    logger = RunLogger(save_dir=str(tmp_path), name="runs")
+    trainer = Trainer(max_steps=3, default_root_dir=tmp_path, logger=logger, inference_mode=False,
+                      enable_progress_bar=False, enable_checkpointing=False, log_every_n_steps=1,
+                      val_check_interval=3,
+                      callbacks=[MetaGradientMonitor(2.0, log_every_n_steps=1,
+                                                     histogram_every_n_steps=1), recorder])
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data)
+    return trainer, recorder
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_meta_gradient_norms_equal_a_hand_computation(fake_omniglot, tmp_path):
+    trainer, recorder = tiny_fit(fake_omniglot, tmp_path)
+    rows = [r for r in read_csv(tmp_path / "runs" / "version_0" / "metrics.csv")
+            if r.get("meta_grad/grad_2.0_norm_total")]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    for row, gradients in zip(rows, recorder.gradients, strict=True):
+        by_hand = torch.sqrt(sum(g.double().square().sum() for g in gradients.values()))
+        assert float(row["meta_grad/grad_2.0_norm_total"]) == pytest.approx(by_hand.item(), rel=1e-4)
+        head = gradients["network.head.weight"].double().norm()
+        assert float(row["meta_grad/grad_2.0_norm/network.head.weight"]) == pytest.approx(head.item(), rel=1e-4)
+        assert float(row["train/inner_grad_norm/step_0"]) > 0
+
+
+def test_loggers_write_csv_tensorboard_and_histograms(fake_omniglot, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_fit(fake_omniglot, tmp_path, learn_inner_lr=True)
+    run = tmp_path / "runs" / "version_0"
+    columns = read_csv(run / "metrics.csv")[0].keys()
+    for name in ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc",
+                 "inner_lr/head-weight/step_1"):
+        assert name in columns, name
+    events = EventAccumulator(str(run), size_guidance={"histograms": 0}).Reload()
+    assert len(events.Scalars("train/loss")) == 3
+    assert "meta_grad/network.head.weight" in events.Tags()["histograms"]
+    records = [json.loads(line) for line in (run / "histograms.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    total = sum(p.numel() for p in MetaLearner(Conv4(1, 4, 28), 3, learn_inner_lr=True,
+                                               inner_steps=2).parameters())
+    assert sum(records[0]["meta_grad"]) == total  # every gradient entry counted once
+
+
+def test_log_magnitude_histogram_bins():
+    counts = log_magnitude_histogram(torch.tensor([0.0, 1e-13, 1e-6, -1e-6, 1e3]))
+    assert sum(counts) == 5
+    assert counts[0] == 2 and counts[-1] == 1  # zero and tiny at the left edge, 1e3 clipped right
+    assert max(counts[1:-1]) == 2  # +-1e-6 share a bin
+
+
+def test_report_draws_every_figure_of_a_real_run(fake_omniglot, tmp_path, capsys):
+    tiny_fit(fake_omniglot, tmp_path, learn_inner_lr=True)
+    run = tmp_path / "runs" / "version_0"
+    capsys.readouterr()  # drop the training output
+    main(["report", str(tmp_path / "runs")])  # the parent folder finds the newest run
+    written = capsys.readouterr().out.split()
+    names = {p.rsplit("/", 1)[-1] for p in written}
+    assert names == {"loss_accuracy.png", "grad_norm.png", "grad_histograms.png",
+                     "test_per_step.png", "inner_lrs.png", "report.md"}
+    for name in names - {"report.md"}:
+        path = run / "report" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as image:
+            low, high = image.convert("L").getextrema()
+            assert high - low > 50, name  # not a blank canvas
+    summary = (run / "report" / "report.md").read_text()
+    assert "Test accuracy" in summary and "Best validation accuracy" in summary
+    assert "inner_steps: 2" in summary or "Configuration" not in summary
+
+
+def test_report_skips_missing_data_and_names_a_bad_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.5\n0,1,1.2\n")
+    files = write_report(run)
+    assert [f.name for f in files] == ["loss_accuracy.png", "report.md"]
+    assert "grad_histograms.png: not drawn" in (run / "report" / "report.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "missing" in capsys.readouterr().err
+
+
+def test_original_project_flags_for_observability():
+    assert translate_legacy_flags(["--track_grad_norm=2", "--wandb"]) == [
+        "--grad_monitor.norm_type=2", "--trainer.logger=lightning.pytorch.loggers.WandbLogger"]
