@@ -27,3 +27,13 @@ def test_summarise_per_step_rows():
     assert [r["inner_step"] for r in rows] == [0, 1]
     assert rows[0]["accuracy"] == pytest.approx(0.2) and rows[0]["ci95"] == 0.0
     assert rows[1]["accuracy"] == pytest.approx(0.8)
+
+
+def test_test_summary_and_its_text():
+    from fewshot.evaluation import format_test_result, summarise_test
+
+    result = summarise_test(torch.tensor([[0.2, 0.6], [0.2, 1.0]]), 5, 1, 1, 0.4)
+    assert result["episodes"] == 2 and result["accuracy"] == pytest.approx(0.8)
+    text = format_test_result(result)
+    assert text.startswith("Test accuracy over 2 episodes (5-way 1-shot, mean +- 95% CI):")
+    assert "after 1 step(s): 80.00 +- " in text

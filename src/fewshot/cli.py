@@ -37,6 +37,8 @@ TRAINER_DEFAULTS = {
     # Evaluation adapts with gradients; inference mode would forbid them.
     "inference_mode": False,
     "default_root_dir": "runs",
+    # Under DDP the data module gives each process its share of every meta-batch itself.
+    "use_distributed_sampler": False,
 }
 
 
@@ -48,6 +50,8 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
             translated.append(LEGACY_SWITCHES[argument])
             continue
         flag, separator, value = argument.partition("=")
+        if flag == "--accelerator" and value.startswith("ddp"):  # Lightning 1.x spelling
+            flag = "--trainer.strategy"
         translated.append(LEGACY_FLAGS.get(flag, flag) + separator + value)
     return translated
 

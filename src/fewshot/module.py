@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from fewshot.episode import Episodes
-from fewshot.evaluation import mean_and_ci95, summarise_per_step
+from fewshot.evaluation import format_test_result, mean_and_ci95, summarise_test
 from fewshot.maml import (
     Batching,
     LearningRate,
@@ -194,8 +194,13 @@ class MetaLearner(LightningModule):
 
     def training_step(self, episodes: Episodes, batch_idx: int) -> Tensor:
         meta_loss, metrics, first_order = self.meta_loss(episodes, self.current_epoch)
+        statistics = metrics.statistics
+        if self.per_step_norms and self.trainer.world_size > 1:
+            # Every process holds an equal share of the tasks: the mean over processes is the
+            # mean over the whole meta-batch, as in a single process.
+            statistics = {k: self.all_gather(v).mean(dim=0) for k, v in statistics.items()}
         for norm in self.per_step_norms:  # running statistics are state: updated here only
-            norm.update_running_statistics(metrics.statistics)
+            norm.update_running_statistics(statistics)
         tasks = episodes.num_tasks
         self.log("train/loss", meta_loss, prog_bar=True, batch_size=tasks)
         self.log("train/acc", metrics.accuracies[:, -1].mean(), prog_bar=True, batch_size=tasks)
@@ -231,11 +236,32 @@ class MetaLearner(LightningModule):
         self._evaluation_step(episodes)
 
     def _gather_accuracies(self) -> Tensor:
+        """This epoch's evaluation accuracies ``[episodes, steps + 1]`` from every process.
+
+        Processes may hold different numbers of episodes (the last evaluation batches go to
+        the first ranks), so each pads to the largest share before the all-gather.
+        """
         accuracies = torch.cat(self._evaluation_accuracies)
         self._evaluation_accuracies.clear()
         if self.trainer.world_size > 1:
-            accuracies = self.all_gather(accuracies).flatten(0, 1)
+            counts = self.all_gather(torch.tensor(accuracies.shape[0], device=accuracies.device))
+            padded = accuracies.new_zeros(int(counts.max()), accuracies.shape[1])
+            padded[: accuracies.shape[0]] = accuracies
+            gathered = self.all_gather(padded)
+            accuracies = torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
         return accuracies.cpu()
+
+    def setup(self, stage: str) -> None:
+        # Lightning's sync_batchnorm would average batch statistics over the processes, that is
+        # over tasks: every task must be normalised by its own batch. fewshot's batch-norm layers
+        # are not torch's, so Lightning would skip them silently; refuse it loudly instead.
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        layer_sync = getattr(connector, "_layer_sync", None)
+        if (layer_sync or getattr(self.trainer.strategy, "_layer_sync", None)) is not None:
+            raise ValueError(
+                "sync_batchnorm is not supported: MAML normalises each task with its own batch "
+                "statistics, and synchronising them across processes would mix tasks together. "
+                "Drop --trainer.sync_batchnorm.")
 
     def on_validation_epoch_end(self) -> None:
         if not self._evaluation_accuracies:
@@ -247,31 +273,18 @@ class MetaLearner(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         accuracies = self._gather_accuracies()
-        rows = summarise_per_step(accuracies)
-        final = rows[-1]
-        self.log("test/acc", final["accuracy"])
-        self.log("test/acc_ci95", final["ci95"])
-        result = {
-            "episodes": accuracies.shape[0],
-            "ways": self.hparams.ways,
-            "inner_steps": self.eval_inner_steps,
-            "inner_lr": self.eval_inner_lr,
-            "accuracy": final["accuracy"],
-            "ci95": final["ci95"],
-            "per_step": rows,
-        }
-        self.test_result = result
-        lines = [f"  after {r['inner_step']} step(s): {100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}%" for r in rows]
+        shots = self.trainer.datamodule.hparams.shots if self.trainer.datamodule else None
+        inner_lr = "learned" if self.inner_lrs is not None else self.eval_inner_lr
+        self.test_result = summarise_test(accuracies, self.hparams.ways, shots,
+                                       self.eval_inner_steps, inner_lr)
+        self.log("test/acc", self.test_result["accuracy"])
+        self.log("test/acc_ci95", self.test_result["ci95"])
         if self.trainer.is_global_zero:
             directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             directory.mkdir(parents=True, exist_ok=True)
             path = directory / "test_results.json"
-            path.write_text(json.dumps(result, indent=2) + "\n")
-            print(
-                f"Test accuracy over {result['episodes']} episodes ({self.hparams.ways}-way "
-                f"{self.trainer.datamodule.hparams.shots if self.trainer.datamodule else '?'}-shot, "
-                "mean +- 95% CI):\n" + "\n".join(lines) + f"\nWrote {path}"
-            )
+            path.write_text(json.dumps(self.test_result, indent=2) + "\n")
+            print(format_test_result(self.test_result) + f"\nWrote {path}")
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr,

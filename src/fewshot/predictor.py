@@ -5,7 +5,7 @@
     predictions = predictor.predict(["unknown.png"])
     predictions.labels, predictions.probabilities                 # ["dog"], tensor [1, 2]
 
-(docs/adapt.md has the runnable version, executed by tests/test_predictor.py.)
+(The README has the runnable version, executed by tests/test_predictor.py.)
 
 Adaptation is the model's own evaluation inner loop (:meth:`MetaLearner.adapt`: the trained
 number of steps and learning rate unless overridden), so whatever the model learned to do at
@@ -104,7 +104,7 @@ class Predictor:
         did in meta-training and evaluation. ``one_at_a_time=True`` predicts every image on its
         own, normalised together with the support images only, so no prediction depends on
         another query image. (Normalising an image by its own statistics alone costs much more
-        accuracy; see docs/adapt.md.) Models whose batch norm uses running statistics predict
+        accuracy; see the README.) Models whose batch norm uses running statistics predict
         every image independently anyway.
         """
         x, names = self.preprocessing.prepare(images)

@@ -137,12 +137,25 @@ class FewShotDataModule(LightningDataModule):
         if self.hparams.download:
             self._load_split("train", download=True)
 
+    def _distribution(self) -> tuple[int, int]:
+        """This process's rank and the world size; tasks are sharded here, not by Lightning."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "fewshot shards the tasks of each meta-batch over processes itself: create the "
+                "Trainer with use_distributed_sampler=False (the fewshot CLI does)")
+        return trainer.global_rank, trainer.world_size
+
     def setup(self, stage: str) -> None:
         hp = self.hparams
+        rank, world_size = self._distribution()
         if stage == "fit":
             self.train_set = MetaBatches(
                 self._load_split("train"), hp.ways, hp.shots, hp.queries, hp.meta_batch_size,
                 hp.seed, length=2**62, split="train", augmentation=self.augmentation,
+                rank=rank, world_size=world_size,
             )
         if stage in ("fit", "validate"):
             self.val_set = self._evaluation_episodes("val", hp.val_episodes, VALIDATION_STREAM)
@@ -151,9 +164,10 @@ class FewShotDataModule(LightningDataModule):
 
     def _evaluation_episodes(self, split: str, episodes: int, stream: int) -> EvaluationEpisodes:
         hp = self.hparams
+        rank, world_size = self._distribution()
         return EvaluationEpisodes(
             self._load_split(split), hp.ways, hp.shots, hp.eval_queries, episodes,
-            self.eval_batch_size, hp.seed, stream, split,
+            self.eval_batch_size, hp.seed, stream, split, rank=rank, world_size=world_size,
         )
 
     def _loader(self, dataset, sampler=None) -> DataLoader:

@@ -90,9 +90,22 @@ def sample_task(
     )
 
 
-def task_rng(seed: int, stream: int, index: int) -> np.random.Generator:
-    """The random generator of one task or meta-batch: a pure function of its coordinates."""
-    return np.random.default_rng([seed, stream, index])
+def task_rng(seed: int, stream: int, index: int, task: int | None = None) -> np.random.Generator:
+    """The random generator of one task: a pure function of its coordinates (the evaluation
+    task ``index``, or task ``task`` of training step ``index``)."""
+    return np.random.default_rng([seed, stream, index] + ([] if task is None else [task]))
+
+
+def shard(count: int, rank: int, world_size: int, what: str) -> range:
+    """The contiguous share of ``count`` items that process ``rank`` of ``world_size`` takes."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+    if count % world_size:
+        raise ValueError(
+            f"{what}={count} cannot be split evenly over {world_size} processes: make it a "
+            f"multiple of the world size (devices x nodes)")
+    size = count // world_size
+    return range(rank * size, (rank + 1) * size)
 
 
 def stack_tasks(tasks: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Episodes:
@@ -110,13 +123,16 @@ class MetaBatches(Dataset[Episodes]):
         length: steps available (the DataLoader's sampler picks which ones).
         augmentation: applied to each task's support and query images together (e.g.
             :class:`fewshot.data.augmentation.Augmentation`), with a generator that is a pure
-            function of ``(seed, step)``; None for none.
+            function of ``(seed, step, task)``; None for none.
+        rank, world_size: under distributed training each process draws only its own
+            contiguous share of the T tasks; together they are exactly the tasks of a single
+            process, since every task has its own random generator.
     """
 
     def __init__(
         self, dataset: ClassImages, ways: int, shots: int, queries: int,
         tasks_per_batch: int, seed: int, length: int, split: str = "train",
-        augmentation: TaskAugmentation | None = None,
+        augmentation: TaskAugmentation | None = None, rank: int = 0, world_size: int = 1,
     ) -> None:
         check_task_size(dataset, split, ways, shots, queries)
         if tasks_per_batch < 1:
@@ -124,19 +140,19 @@ class MetaBatches(Dataset[Episodes]):
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.tasks_per_batch, self.seed, self.length = tasks_per_batch, seed, length
         self.augmentation = augmentation
+        self.tasks = shard(tasks_per_batch, rank, world_size, "meta_batch_size")
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, step: int) -> Episodes:
-        rng = task_rng(self.seed, TRAIN_STREAM, step)
-        tasks = [
-            sample_task(self.dataset, self.ways, self.shots, self.queries, rng)
-            for _ in range(self.tasks_per_batch)
-        ]
-        if self.augmentation is not None:
-            augment_rng = task_rng(self.seed, TRAIN_AUGMENTATION_STREAM, step)
-            tasks = [self._augmented(task, augment_rng) for task in tasks]
+        tasks = []
+        for j in self.tasks:
+            rng = task_rng(self.seed, TRAIN_STREAM, step, j)
+            task = sample_task(self.dataset, self.ways, self.shots, self.queries, rng)
+            if self.augmentation is not None:
+                task = self._augmented(task, task_rng(self.seed, TRAIN_AUGMENTATION_STREAM, step, j))
+            tasks.append(task)
         return stack_tasks(tasks)
 
     def _augmented(self, task: tuple[Tensor, Tensor, Tensor, Tensor],
@@ -150,12 +166,14 @@ class EvaluationEpisodes(Dataset[Episodes]):
     """A fixed set of ``episodes`` evaluation tasks, served ``tasks_per_batch`` at a time.
 
     Task ``j`` depends only on ``(seed, stream, j)``, so the set is the same whatever the
-    batching, the workers or the world size; the last batch may be smaller.
+    batching, the workers or the world size; the last batch may be smaller. Under distributed
+    evaluation process ``rank`` serves batches ``rank, rank + world_size, ...``.
     """
 
     def __init__(
         self, dataset: ClassImages, ways: int, shots: int, queries: int, episodes: int,
         tasks_per_batch: int, seed: int, stream: int, split: str,
+        rank: int = 0, world_size: int = 1,
     ) -> None:
         check_task_size(dataset, split, ways, shots, queries)
         if episodes < 1 or tasks_per_batch < 1:
@@ -165,18 +183,21 @@ class EvaluationEpisodes(Dataset[Episodes]):
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.episodes, self.tasks_per_batch = episodes, tasks_per_batch
         self.seed, self.stream = seed, stream
+        shard(world_size, rank, world_size, "world_size")  # validates rank
+        all_batches = range(-(-episodes // tasks_per_batch))
+        self.batches = all_batches[rank::world_size]
 
     def __len__(self) -> int:
-        return -(-self.episodes // self.tasks_per_batch)
+        return len(self.batches)
 
     def task(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rng = task_rng(self.seed, self.stream, index)
         return sample_task(self.dataset, self.ways, self.shots, self.queries, rng)
 
-    def __getitem__(self, batch: int) -> Episodes:
-        if not 0 <= batch < len(self):
-            raise IndexError(batch)
-        first = batch * self.tasks_per_batch
+    def __getitem__(self, index: int) -> Episodes:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        first = self.batches[index] * self.tasks_per_batch
         last = min(first + self.tasks_per_batch, self.episodes)
         return stack_tasks([self.task(j) for j in range(first, last)])
 
