@@ -58,7 +58,10 @@ def main() -> None:
         episodes = make_episodes(args.tasks, args.ways, args.shots, queries, 28)
         reference = meta_step(model, episodes, "loop", args.steps, args.first_order)
         vmapped = meta_step(model, episodes, "vmap", args.steps, args.first_order)
-        error = max(((a - b).norm() / b.norm()).item() for a, b in zip(vmapped, reference, strict=True))
+        # One relative error over the whole meta-gradient: per tensor it would be dominated by
+        # the conv biases, whose true gradient is zero (batch norm removes them).
+        flat_v, flat_r = (torch.cat([g.flatten() for g in gs]) for gs in (vmapped, reference))
+        error = ((flat_v - flat_r).norm() / flat_r.norm()).item()
         assert error < 1e-4, f"vmap and loop meta-gradients disagree (relative error {error:.2e})"
         seconds: dict[str, list[float]] = {"loop": [], "vmap": []}
         for _ in range(args.repeats):
@@ -75,7 +78,7 @@ def main() -> None:
             "vmap_tasks_per_s": args.tasks / medians["vmap"],
             "vmap_over_loop": medians["loop"] / medians["vmap"],
             "auto_picks": resolve_batching("auto", torch.device("cpu"), images),
-            "max_relative_gradient_difference": error,
+            "relative_gradient_difference": error,
         })
 
     order = "first" if args.first_order else "second"
