@@ -262,3 +262,18 @@ def test_first_order_mamlpp_trains_in_a_trainer(fake_omniglot, tmp_path):
     assert not torch.equal(model.inner_lrs["head-weight"], before)
     assert model.per_step_norms[0].running_mean.abs().sum() > 0
     assert trainer.optimizers[0].param_groups[0]["lr"] < 1e-3  # cosine annealed
+
+
+def test_per_step_running_adapts_on_support_batch_statistics_in_eval_mode():
+    # Eval mode changes only how predictions are normalised; the inner loop adapts as trained.
+    model, batch = learner(batch_norm="per_step_running"), episodes()
+    _, metrics, _ = model.meta_loss(batch, 0)
+    model.per_step_norms[0].update_running_statistics(metrics.statistics)
+    support = (batch.support_x[0], batch.support_y[0])
+    in_train = model.train().adapt(*support)
+    in_eval = model.eval().adapt(*support)
+    for name in in_train:
+        torch.testing.assert_close(in_eval[name], in_train[name], rtol=1e-12, atol=1e-12)
+    query = batch.query_x[0]
+    assert not torch.allclose(model.eval().predict_logits(in_eval, query),
+                              model.train().predict_logits(in_train, query))

@@ -61,7 +61,7 @@ def cross_entropy_on(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> 
 
 def _support_loss(model: nn.Module, step: int, params: Params, x: Tensor, y: Tensor):
     # Statistics recorded inside ``grad`` must leave it as auxiliary outputs, not side effects.
-    with recording_statistics() as recorded, inner_step(step):
+    with recording_statistics() as recorded, inner_step(step, on_support=True):
         loss = cross_entropy_on(model, params, x, y)
     return loss, mean_statistics(recorded)
 

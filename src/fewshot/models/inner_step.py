@@ -18,21 +18,29 @@ from contextvars import ContextVar
 from torch import Tensor
 
 _STEP: ContextVar[int] = ContextVar("fewshot_inner_step", default=0)
+_ON_SUPPORT: ContextVar[bool] = ContextVar("fewshot_on_support", default=False)
 _RECORDER: ContextVar[dict[str, list[Tensor]] | None] = ContextVar("fewshot_recorder", default=None)
 
 
 @contextmanager
-def inner_step(step: int) -> Iterator[None]:
-    """Run the forward passes inside as those of parameters after ``step`` inner updates."""
-    token = _STEP.set(step)
+def inner_step(step: int, on_support: bool = False) -> Iterator[None]:
+    """Run the forward passes inside as those of parameters after ``step`` inner updates,
+    on the support set (adaptation) or not (predictions)."""
+    step_token, support_token = _STEP.set(step), _ON_SUPPORT.set(on_support)
     try:
         yield
     finally:
-        _STEP.reset(token)
+        _STEP.reset(step_token)
+        _ON_SUPPORT.reset(support_token)
 
 
 def current_inner_step() -> int:
     return _STEP.get()
+
+
+def adapting_on_support() -> bool:
+    """Whether the current forward pass is one of the inner loop's, on the support set."""
+    return _ON_SUPPORT.get()
 
 
 @contextmanager

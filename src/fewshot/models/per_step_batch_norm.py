@@ -13,9 +13,12 @@ Two modes:
   statistics are not kept.
 - ``per_step_running``: in training mode, normalise with the batch statistics and record them
   (returned by value, see :mod:`fewshot.models.inner_step`) so the LightningModule can update
-  the per-step running averages; in eval mode, normalise with the running statistics of the
-  slot. A query image's prediction then depends on nothing but the image and the adapted
-  weights (non-transductive).
+  the per-step running averages; in eval mode, predictions normalise with the running
+  statistics of their slot, so a query image's prediction depends on nothing but the image and
+  the adapted weights (non-transductive). The inner loop's passes over the support set keep
+  the support batch's statistics in eval mode too: the support set is the task's labelled
+  training data, and adapting through fixed statistics would change the inner-loop gradients
+  the initialisation was meta-learned for (we measured adaptation collapsing to chance).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fewshot.models.inner_step import current_inner_step, record_statistic
+from fewshot.models.inner_step import adapting_on_support, current_inner_step, record_statistic
 
 BatchNormMode = Literal["transductive", "per_step_running"]
 
@@ -67,7 +70,7 @@ class PerStepBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         slot = self.slot()
-        if self.mode == "per_step_running" and not self.training:
+        if self.mode == "per_step_running" and not self.training and not adapting_on_support():
             mean = self.running_mean[slot].view(1, -1, 1, 1)
             variance = self.running_var[slot].view(1, -1, 1, 1)
             centred = x - mean
