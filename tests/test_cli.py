@@ -100,3 +100,10 @@ def test_wandb_sweep_names_real_options():
     options = [f"--{name}=1" for name in sweep["parameters"]]
     cli = build_cli(options, run=False)  # parses: every swept option exists
     assert cli.model.hparams.inner_steps == 1 and cli.datamodule.hparams.meta_batch_size == 1
+
+
+def test_bare_command_lists_every_subcommand(capsys):
+    main([])
+    text = capsys.readouterr().out
+    for subcommand in ("fit", "validate", "test", "adapt", "export", "report"):
+        assert f"  {subcommand} " in text

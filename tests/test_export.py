@@ -78,7 +78,7 @@ def test_a_mamlpp_model_exports_its_learned_rates_and_per_step_batch_norm(
     exported = fewshot.load(learner.save(tmp_path / "export"))
     weights = safetensors.torch.load_file(tmp_path / "export" / "model.safetensors")
     assert any(name.startswith("inner_lrs.") for name in weights)
-    assert weights["network.features.blocks.1.running_mean"].shape == (3, 8)  # 2 eval steps + 1
+    assert weights["network.features.blocks.1.running_mean"].shape == (2, 8)  # 1 train step + 1
     assert exported.metadata["hyper_parameters"]["batch_norm"] == "per_step_running"
     assert learner.lr is None and exported.lr is None  # learned rates, not one number
     assert not learner.batch_dependent  # running statistics: every image on its own

@@ -173,3 +173,17 @@ def test_resolve_batching():
     assert resolve_batching("vmap", torch.device("cpu")) == "vmap"
     with pytest.raises(ValueError, match="'sequential'"):
         resolve_batching("sequential", torch.device("cpu"))
+
+
+def test_the_readme_core_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+              if "meta_batch_metrics(" in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["metrics"].losses.shape == (4, 1)
+    assert all(p.grad is not None for p in namespace["model"].parameters())

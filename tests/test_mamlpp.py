@@ -277,3 +277,16 @@ def test_per_step_running_adapts_on_support_batch_statistics_in_eval_mode():
     query = batch.query_x[0]
     assert not torch.allclose(model.eval().predict_logits(in_eval, query),
                               model.train().predict_logits(in_train, query))
+
+
+def test_evaluating_with_more_steps_than_trained_reuses_the_last_trained_slot():
+    model = learner(batch_norm="per_step_running", per_step_bn_weights=True, eval_inner_steps=4)
+    norm = model.per_step_norms[0]
+    assert norm.slots == 3  # inner_steps + 1: no slot that training never fills
+    batch = episodes()
+    _, metrics, _ = model.meta_loss(batch, 0)
+    norm.update_running_statistics(metrics.statistics)
+    eval_metrics = model.eval()._metrics(batch, training=False)
+    assert eval_metrics.accuracies.shape == (2, 5)
+    with inner_step(4):
+        assert norm.slot() == 2

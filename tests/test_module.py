@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fewshot.data.datamodule import FewShotDataModule
 from fewshot.episode import Episodes
@@ -114,3 +115,54 @@ def test_adapt_and_predict_a_new_task_matches_the_evaluation_path():
         model.validation_step(episodes, 0)
     expected = (logits.argmax(-1) == query_y).float().mean()
     assert model._evaluation_accuracies[0][0, -1].item() == pytest.approx(expected.item())
+
+
+class InjectNaN(Callback):
+    """Puts a NaN into the support images (``where="loss"``) or into one meta-gradient
+    (``where="gradient"``) at one meta-iteration, and records the weights around it."""
+
+    def __init__(self, step: int, where: str) -> None:
+        self.step, self.where, self.weights, self.injected_at = step, where, [], None
+
+    def _now(self, trainer) -> bool:
+        return trainer.global_step == self.step and self.injected_at is None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.weights.append([p.detach().clone() for p in pl_module.parameters()])
+        if self._now(trainer) and self.where == "loss":
+            batch.support_x[0, 0, 0, 0, 0] = float("nan")
+            self.injected_at = len(self.weights) - 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._now(trainer) and self.where == "gradient":
+            next(p for p in pl_module.parameters() if p.grad is not None).grad[0] = float("inf")
+            self.injected_at = len(self.weights) - 1
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_stops_naming_the_step_without_a_nan_checkpoint(fake_omniglot, tmp_path, where):
+    model = make_model()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = make_trainer(tmp_path, max_steps=5, callbacks=[InjectNaN(2, where), checkpoints])
+    with pytest.raises(FloatingPointError, match="at meta-iteration 2"):
+        trainer.fit(model, datamodule=make_data(*fake_omniglot))
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved  # steps 1 and 2 were checkpointed ...
+    for path in saved:  # ... and none of them holds a NaN
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_skip_leaves_the_weights_of_that_step_unchanged(fake_omniglot, tmp_path, where):
+    model = make_model(nonfinite="skip")
+    injector = InjectNaN(2, where)
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[injector])
+    with pytest.warns(UserWarning, match="at meta-iteration 2: meta-step skipped"):
+        trainer.fit(model, datamodule=make_data(*fake_omniglot))
+    # The weights before the poisoned meta-batch are still the weights before the next one.
+    before = injector.weights[injector.injected_at]
+    after = injector.weights[injector.injected_at + 1]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer.global_step == 4  # training went on to the end

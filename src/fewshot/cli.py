@@ -42,6 +42,25 @@ TRAINER_DEFAULTS = {
 }
 
 
+OVERVIEW = """usage: fewshot SUBCOMMAND [options]
+
+Few-shot image classification with MAML, first-order MAML and MAML++.
+
+meta-training and evaluation (LightningCLI, YAML configs in configs/):
+  fit        meta-train:          fewshot fit -c configs/omniglot_5way_1shot_cpu.yaml
+  validate   score validation episodes of a checkpoint
+  test       score the test episodes (600 by default) with a 95% confidence interval
+
+using a trained model:
+  adapt      adapt to your own support images and classify query images
+  export     write a checkpoint as safetensors + JSON, to share without a pickle
+
+looking at a run:
+  report     draw PNG figures and a summary from a run folder
+
+fewshot SUBCOMMAND --help lists every option of a subcommand."""
+
+
 def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
     """``--episode_classes=20`` -> ``--data.ways=20`` (and the other original-project flags)."""
     translated = []
@@ -117,6 +136,9 @@ def main(args: Sequence[str] | None = None) -> None:
     set ``FEWSHOT_DEBUG=1`` to see the traceback instead.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(OVERVIEW)
+        return
     try:
         if argv and argv[0] == "report":
             from fewshot.report import main as report_main

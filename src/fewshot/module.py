@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from fewshot.episode import Episodes
@@ -55,7 +57,8 @@ class MetaLearner(LightningModule):
         derivative_order_annealing: DA, first order for the first ``first_order_epochs``.
         first_order_epochs: epochs of first-order training under DA.
         learn_inner_lr: LSLR, one learned inner rate per parameter tensor and inner step,
-            initialised to ``inner_lr`` (``eval_inner_lr`` is then ignored).
+            initialised to ``inner_lr``; evaluation uses the learned rates (leave
+            ``eval_inner_lr`` unset).
         per_step_bn_weights: BNWB, batch-norm weights and biases per inner step.
         batch_norm: ``transductive`` (batch statistics, as MAML) or ``per_step_running`` (BNRS:
             per-step running statistics, used in eval mode; predictions are per image).
@@ -64,6 +67,9 @@ class MetaLearner(LightningModule):
         min_meta_lr: the floor of the cosine schedule.
         weight_decay: L2 penalty on the meta-parameters (Adam's ``weight_decay``), against
             meta-overfitting.
+        nonfinite: what a NaN or Inf in the meta-loss or meta-gradient does: ``stop`` the run
+            with an error naming the step (no checkpoint is written after it), or ``skip`` that
+            meta-step with a warning (the weights and optimizer state stay as they were).
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class MetaLearner(LightningModule):
         cosine_annealing: bool = False,
         min_meta_lr: float = 1e-5,
         weight_decay: float = 0.0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
@@ -98,15 +105,18 @@ class MetaLearner(LightningModule):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
         resolve_batching(batching, torch.device("cpu"))  # validates the value early
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters(ignore=["backbone"])
         if multi_step_loss and inner_steps < 1:
             raise ValueError("multi_step_loss needs inner_steps >= 1")
         self.network = FewShotClassifier(backbone if backbone is not None else Conv4(), ways)
         self.per_step_norms = []
         if per_step_bn_weights or batch_norm != "transductive":
-            slots = max(inner_steps, eval_inner_steps or 0) + 1
+            # Slots 0..inner_steps are the ones training fills; evaluating with more steps
+            # reuses the last (PerStepBatchNorm2d.slot clamps), never an untrained slot.
             self.per_step_norms = use_per_step_batch_norm(
-                self.network, slots, per_step_bn_weights, batch_norm)
+                self.network, inner_steps + 1, per_step_bn_weights, batch_norm)
         # LSLR: ParameterDict keys may not contain dots.
         self.inner_lrs = nn.ParameterDict({
             name.replace(".", "-"): nn.Parameter(torch.full((max(inner_steps, 1),), float(inner_lr)))
@@ -192,8 +202,26 @@ class MetaLearner(LightningModule):
             return (metrics.losses[:, 1:] * weights.to(metrics.losses)).sum(dim=1).mean(), metrics, first_order
         return metrics.losses[:, -1].mean(), metrics, first_order
 
-    def training_step(self, episodes: Episodes, batch_idx: int) -> Tensor:
+    def _nonfinite(self, what: str) -> None:
+        message = f"non-finite {what} at meta-iteration {self.global_step}"
+        if self.hparams.nonfinite == "stop":
+            raise FloatingPointError(message + " (set model.nonfinite=skip to skip such steps)")
+        rank_zero_warn(message + ": meta-step skipped")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        gradients = [p.grad for p in self.parameters() if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in gradients):
+            return
+        self._nonfinite("meta-gradient")
+        # Adam leaves parameters without a gradient untouched, moments included.
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    def training_step(self, episodes: Episodes, batch_idx: int) -> Tensor | None:
         meta_loss, metrics, first_order = self.meta_loss(episodes, self.current_epoch)
+        if not torch.isfinite(meta_loss):
+            self._nonfinite(f"meta-loss ({meta_loss.item()})")
+            return None  # Lightning skips backward and the optimizer step
         statistics = metrics.statistics
         if self.per_step_norms and self.trainer.world_size > 1:
             # Every process holds an equal share of the tasks: the mean over processes is the
