@@ -83,9 +83,10 @@ def inner_sgd_step(
     norm = torch.sqrt(sum(g.detach().square().sum() for g in grads.values()))
     statistics = {**statistics, f"inner_grad_norm/step_{step}": norm}
     rate = learning_rate_at(lr, step)
-    if isinstance(rate, dict):
-        return {name: p - rate[name] * grads[name] for name, p in params.items()}, statistics
-    return {name: p - rate * grads[name] for name, p in params.items()}, statistics
+    def rate_of(name: str) -> float | Tensor:
+        return rate[name] if isinstance(rate, dict) else rate
+
+    return {name: p - rate_of(name) * grads[name] for name, p in params.items()}, statistics
 
 
 def adapt(
@@ -142,8 +143,8 @@ def task_query_metrics(
     losses, accuracies, recorded = [], [], {}
     for step in range(steps + 1):
         if every_step or step == steps:
-            with recording_statistics() as query_statistics, inner_step(step):
-                logits = functional_call(model, params, (query_x,))
+            with recording_statistics() as query_statistics:
+                logits = predict(model, params, query_x, step)
             merge_statistics(recorded, mean_statistics(query_statistics))
             losses.append(F.cross_entropy(logits, query_y))
             accuracies.append((logits.argmax(dim=-1) == query_y).float().mean())
