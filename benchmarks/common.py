@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,3 +49,28 @@ def fit_then_test(config: str, minutes: float, data_root: str, episodes: int, ou
         "meta_iterations": trainer.global_step, "checkpoint": Path(best).name if best else None,
         "per_step": model.test_result["per_step"], "log_dir": trainer.log_dir,
     }
+
+
+def run_in_parallel(script: str, arms: list[str], argv: list[str]) -> dict:
+    """Each arm in a child process of ``script`` (``--arms=ARM --result_file=F``), one thread
+    each, all started together, so every arm meets the same machine load."""
+    argv = [a for a in argv if a != "--parallel" and not a.startswith("--arms")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        children = {}
+        for arm in arms:
+            result_file = os.path.join(folder, f"{arm}.json")
+            command = [sys.executable, script, f"--arms={arm}", f"--result_file={result_file}", *argv]
+            log = open(os.path.join(folder, f"{arm}.log"), "w")  # noqa: SIM115
+            children[arm] = (subprocess.Popen(command, env=environment, stdout=log, stderr=log),
+                             result_file, log)
+        results = {}
+        for arm, (child, result_file, log) in children.items():
+            if child.wait() != 0:
+                log.close()
+                sys.exit(f"arm {arm} failed:\n" + Path(log.name).read_text()[-3000:])
+            log.close()
+            with open(result_file) as f:
+                results.update(json.load(f))
+    return results
+

@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from common import DEFAULT_OMNIGLOT, REPO, fit_then_test
+from common import DEFAULT_OMNIGLOT, REPO, fit_then_test, run_in_parallel
 
 ARMS = {
     "maml": ["--model.multi_step_loss=false", "--model.derivative_order_annealing=false",
@@ -56,7 +52,7 @@ def main() -> None:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
 
     if args.parallel:
-        results = run_in_parallel(arms, sys.argv[1:])
+        results = run_in_parallel(__file__, arms, sys.argv[1:])
     else:
         results = {arm: fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
                                       f"{args.output_dir}/{arm}", [*ARMS[arm], *overrides])
@@ -77,29 +73,6 @@ def main() -> None:
                       "arms": {arm: {k: r[k] for k in ("test_acc", "ci95", "episodes",
                                                         "meta_iterations", "train_seconds")}
                                for arm, r in results.items()}}))
-
-
-def run_in_parallel(arms: list[str], argv: list[str]) -> dict:
-    """Each arm in a child process of this script, one thread each, all started together."""
-    argv = [a for a in argv if a != "--parallel" and not a.startswith("--arms")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with tempfile.TemporaryDirectory() as folder:
-        children = {}
-        for arm in arms:
-            result_file = os.path.join(folder, f"{arm}.json")
-            command = [sys.executable, __file__, f"--arms={arm}", f"--result_file={result_file}", *argv]
-            log = open(os.path.join(folder, f"{arm}.log"), "w")  # noqa: SIM115
-            children[arm] = (subprocess.Popen(command, env=environment, stdout=log, stderr=log),
-                             result_file, log)
-        results = {}
-        for arm, (child, result_file, log) in children.items():
-            if child.wait() != 0:
-                log.close()
-                sys.exit(f"arm {arm} failed:\n" + Path(log.name).read_text()[-3000:])
-            log.close()
-            with open(result_file) as f:
-                results.update(json.load(f))
-    return results
 
 
 if __name__ == "__main__":

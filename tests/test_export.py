@@ -219,3 +219,22 @@ def test_missing_and_mismatched_checkpoints_are_named(run, tmp_path):
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(CheckpointError, match="the weights do not fit the model described by its settings"):
         fewshot.load(copy)
+
+
+def test_a_resnet12_model_round_trips_through_an_export(tmp_path):
+    """Its channel widths are a list in the JSON; the backbone is rebuilt from the allow-list."""
+    from fewshot.export import build_meta_learner, make_metadata
+    from fewshot.images import Preprocessing
+    from fewshot.models import ResNet12
+    from fewshot.module import MetaLearner
+
+    torch.manual_seed(0)
+    learner = MetaLearner(ResNet12(3, (4, 8, 8, 16), image_size=16), ways=3, meta_sgd=True)
+    backbone = {"class_path": "fewshot.models.ResNet12",
+                "init_args": {"in_channels": 3, "channels": [4, 8, 8, 16], "image_size": 16}}
+    metadata = make_metadata(backbone, dict(learner.hparams),
+                             Preprocessing(image_size=16, channels=3), {})
+    files = ModelFiles(metadata, learner.state_dict(), tmp_path)
+    rebuilt = build_meta_learner(read_export(write_export(files, tmp_path / "export")))
+    x = torch.rand(6, 3, 16, 16)
+    torch.testing.assert_close(rebuilt(x), learner.eval()(x))

@@ -125,3 +125,16 @@ def test_report_skips_missing_data_and_names_a_bad_folder(tmp_path, capsys):
 def test_original_project_flags_for_observability():
     assert translate_legacy_flags(["--track_grad_norm=2", "--wandb"]) == [
         "--grad_monitor.norm_type=2", "--trainer.logger=lightning.pytorch.loggers.WandbLogger"]
+
+
+def test_nonfinite_gradients_are_left_out_of_histograms_instead_of_crashing(tmp_path):
+    """A step that nonfinite=skip will skip still reaches the histogram callbacks first."""
+    from fewshot.loggers import log_histogram
+    from fewshot.observability import log_magnitude_histogram
+
+    values = torch.tensor([float("nan"), float("inf"), 1.0, 0.01])
+    assert sum(log_magnitude_histogram(values)) == 2
+    logger = RunLogger(save_dir=str(tmp_path), name="runs")
+    log_histogram(logger, "meta_grad/x", values, step=0)
+    log_histogram(logger, "meta_grad/all_nan", torch.full((3,), float("nan")), step=0)
+    logger.finalize("success")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 import fewshot
 from fewshot.images import Preprocessing
-from fewshot.models import Conv4, TransductiveBatchNorm2d
+from fewshot.models import Conv4, ResNet12, TransductiveBatchNorm2d
 from fewshot.module import MetaLearner
 
 FORMAT = "fewshot-export"
@@ -46,6 +46,8 @@ WEIGHTS_FILE = "model.safetensors"
 BACKBONES: dict[str, type[nn.Module]] = {
     "fewshot.models.Conv4": Conv4,
     "fewshot.models.conv4.Conv4": Conv4,
+    "fewshot.models.ResNet12": ResNet12,
+    "fewshot.models.resnet12.ResNet12": ResNet12,
 }
 NORM_LAYERS: dict[str, type[nn.Module]] = {
     "fewshot.models.TransductiveBatchNorm2d": TransductiveBatchNorm2d,
@@ -54,6 +56,7 @@ NORM_LAYERS: dict[str, type[nn.Module]] = {
     "torch.nn.modules.batchnorm.BatchNorm2d": nn.BatchNorm2d,
 }
 HEAD_PREFIX = "network.head."
+HEAD_RATES_PREFIX = "inner_lrs.head-"  # learned inner rates of the head (Meta-SGD)
 
 
 class CheckpointError(ValueError):
@@ -172,6 +175,10 @@ def build_meta_learner(
         for name, parameter in learner.state_dict().items():
             if name.startswith(HEAD_PREFIX):
                 state[name] = parameter.new_zeros(parameter.shape)
+            elif name.startswith(HEAD_RATES_PREFIX) and state[name].shape != parameter.shape:
+                # Meta-SGD rates of a head with another N: classes are interchangeable, so
+                # each new class gets the trained classes' mean rate (per step and feature).
+                state[name] = state[name].mean(dim=1, keepdim=True).expand_as(parameter).clone()
     try:
         learner.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -213,9 +220,14 @@ def _lookup(spec: Any, allowed: dict[str, type[nn.Module]], what: str) -> tuple[
 
 
 def _check_scalars(values: dict[str, Any], what: str) -> None:
+    scalar = (bool, int, float, str, type(None))
     for name, value in values.items():
-        if not isinstance(value, (bool, int, float, str, type(None))):
-            raise CheckpointError(f"{what} setting {name!r} must be a number, string or null, got {value!r}")
+        # Lists of numbers (ResNet-12's channel widths) come back from JSON as lists.
+        if isinstance(value, list) and all(isinstance(v, scalar) for v in value):
+            continue
+        if not isinstance(value, scalar):
+            raise CheckpointError(f"{what} setting {name!r} must be a number, string, list of "
+                                  f"numbers or null, got {value!r}")
 
 
 def _sha256(data: bytes) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
@@ -74,17 +75,25 @@ class RunLogger(CSVLogger):
 
 
 def log_histogram(logger: object, name: str, values: Tensor, step: int) -> None:
-    """Send a histogram to any logger that takes one (fewshot's, TensorBoard's, W&B's)."""
+    """Send a histogram to any logger that takes one (fewshot's, TensorBoard's, W&B's).
+
+    Only the finite values are binned: a NaN or Inf gradient (a step ``nonfinite=skip`` is
+    about to skip) must not crash the run, and TensorBoard refuses to bin it.
+    """
+    values = values.detach().float().cpu().flatten()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return
     if isinstance(logger, RunLogger):
         logger.log_histogram(name, values, step)
         return
     experiment = getattr(logger, "experiment", None)
     if hasattr(experiment, "add_histogram"):  # TensorBoardLogger
-        experiment.add_histogram(name, values.detach().float().cpu(), global_step=step)
+        experiment.add_histogram(name, values, global_step=step)
     elif type(logger).__name__ == "WandbLogger":
         import wandb
 
-        logger.log_metrics({name: wandb.Histogram(values.detach().float().cpu().numpy())}, step=step)
+        logger.log_metrics({name: wandb.Histogram(values.numpy())}, step=step)
 
 
 __all__ = ["RunLogger", "log_histogram"]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fewshot.episode import Episodes
+from fewshot.inner_optimizers import SGD, InnerOptimizer, clip_by_norm
 from fewshot.models.inner_step import (
     inner_step,
     mean_statistics,
@@ -59,34 +60,72 @@ def cross_entropy_on(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> 
     return F.cross_entropy(functional_call(model, params, (x,)), y)
 
 
-def _support_loss(model: nn.Module, step: int, params: Params, x: Tensor, y: Tensor):
+def _support_loss(model: nn.Module, step: int, adapted: Params, frozen: Params, x: Tensor,
+                  y: Tensor):
     # Statistics recorded inside ``grad`` must leave it as auxiliary outputs, not side effects.
     with recording_statistics() as recorded, inner_step(step, on_support=True):
-        loss = cross_entropy_on(model, params, x, y)
+        loss = cross_entropy_on(model, {**frozen, **adapted}, x, y)
     return loss, mean_statistics(recorded)
 
 
-def inner_sgd_step(
-    model: nn.Module, params: Params, x: Tensor, y: Tensor, lr: LearningRate, first_order: bool,
-    step: int = 0,
-) -> tuple[Params, dict[str, Tensor]]:
-    """One step of gradient descent on the support loss, differentiable unless first order.
+class InnerLoop(NamedTuple):
+    """How the inner loop updates parameters, beyond steps and learning rate.
 
-    ``step`` is the number of updates ``params`` already had. Returns the updated parameters
-    and detached statistics: the inner gradient's norm (``inner_grad_norm/step_k``) and the
-    batch statistics recorded by per-step batch norm, if any.
+    ``optimizer``: the differentiable transform from gradient to direction (SGD by default,
+    see :mod:`fewshot.inner_optimizers`); ``max_grad_norm``: clip each task's inner gradient
+    to this 2-norm; ``adapted``: names of the parameters the inner loop updates (``None``: all;
+    ANIL adapts the head only, the rest stays at the meta-parameters).
     """
-    grads, statistics = grad(partial(_support_loss, model, step), has_aux=True)(params, x, y)
+
+    optimizer: InnerOptimizer = SGD()
+    max_grad_norm: float | None = None
+    adapted: frozenset[str] | None = None
+
+    def split(self, params: Params) -> tuple[Params, Params]:
+        """``params`` as (adapted by the inner loop, left as they are)."""
+        if self.adapted is None:
+            return params, {}
+        missing = self.adapted - params.keys()
+        if missing:
+            raise KeyError(f"the inner loop should adapt {sorted(missing)}, which the model lacks")
+        return ({n: p for n, p in params.items() if n in self.adapted},
+                {n: p for n, p in params.items() if n not in self.adapted})
+
+
+PLAIN_SGD = InnerLoop()
+
+
+def inner_update(
+    model: nn.Module, params: Params, x: Tensor, y: Tensor, lr: LearningRate, first_order: bool,
+    step: int = 0, inner: InnerLoop = PLAIN_SGD, state: dict[str, Tensor] | None = None,
+) -> tuple[Params, dict[str, Tensor], dict[str, Tensor]]:
+    """One inner-loop update on the support loss, differentiable unless first order.
+
+    ``step`` is the number of updates ``params`` already had; ``state`` the inner optimizer's
+    state after them (``None`` before the first). Returns the updated parameters, the new
+    optimizer state and detached statistics: the inner gradient's norm
+    (``inner_grad_norm/step_k``, before clipping) and the batch statistics recorded by
+    per-step batch norm, if any.
+    """
+    adapted, frozen = inner.split(params)
+    if state is None:
+        state = inner.optimizer.init(adapted)
+    grads, statistics = grad(partial(_support_loss, model, step), has_aux=True)(
+        adapted, frozen, x, y)
     if first_order:
         grads = {name: g.detach() for name, g in grads.items()}
     # Observability: the inner gradient's 2-norm per step (vanishing or exploding adaptation).
     norm = torch.sqrt(sum(g.detach().square().sum() for g in grads.values()))
     statistics = {**statistics, f"inner_grad_norm/step_{step}": norm}
+    directions, state = inner.optimizer.direction(
+        clip_by_norm(grads, inner.max_grad_norm), state, step)
     rate = learning_rate_at(lr, step)
+
     def rate_of(name: str) -> float | Tensor:
         return rate[name] if isinstance(rate, dict) else rate
 
-    return {name: p - rate_of(name) * grads[name] for name, p in params.items()}, statistics
+    updated = {name: p - rate_of(name) * directions[name] for name, p in adapted.items()}
+    return {**frozen, **updated}, state, statistics
 
 
 def adapt(
@@ -98,10 +137,13 @@ def adapt(
     steps: int,
     lr: LearningRate,
     first_order: bool = False,
+    inner: InnerLoop = PLAIN_SGD,
 ) -> Params:
-    """Fine-tune ``params`` on one task's support set: ``steps`` gradient steps of size ``lr``."""
+    """Fine-tune ``params`` on one task's support set: ``steps`` inner updates of size ``lr``."""
+    state = None
     for step in range(steps):
-        params, _ = inner_sgd_step(model, params, support_x, support_y, lr, first_order, step)
+        params, state, _ = inner_update(model, params, support_x, support_y, lr, first_order,
+                                        step, inner, state)
     return params
 
 
@@ -123,6 +165,7 @@ def task_query_metrics(
     lr: LearningRate,
     first_order: bool = False,
     every_step: bool = False,
+    inner: InnerLoop = PLAIN_SGD,
 ) -> QueryMetrics:
     """Adapt on one task's support set and score its query set.
 
@@ -135,12 +178,13 @@ def task_query_metrics(
         lr: inner learning rate, or per-parameter per-step rates (see ``LearningRate``).
         first_order: treat inner gradients as constants (FOMAML).
         every_step: also score the query set before adapting and after every step.
+        inner: the inner optimizer, gradient clipping and which parameters adapt.
 
     Returns:
         :class:`QueryMetrics` with losses and accuracies ``[steps + 1]`` (after 0..steps
         steps) if ``every_step``, else ``[1]`` (after the last step).
     """
-    losses, accuracies, recorded = [], [], {}
+    losses, accuracies, recorded, state = [], [], {}, None
     for step in range(steps + 1):
         if every_step or step == steps:
             with recording_statistics() as query_statistics:
@@ -149,9 +193,8 @@ def task_query_metrics(
             losses.append(F.cross_entropy(logits, query_y))
             accuracies.append((logits.argmax(dim=-1) == query_y).float().mean())
         if step < steps:
-            params, statistics = inner_sgd_step(
-                model, params, support_x, support_y, lr, first_order, step
-            )
+            params, state, statistics = inner_update(
+                model, params, support_x, support_y, lr, first_order, step, inner, state)
             merge_statistics(recorded, statistics)
     return QueryMetrics(torch.stack(losses), torch.stack(accuracies), mean_statistics(recorded))
 
@@ -190,6 +233,7 @@ def meta_batch_metrics(
     lr: LearningRate,
     first_order: bool = False,
     every_step: bool = False,
+    inner: InnerLoop = PLAIN_SGD,
     batching: Batching = "auto",
     chunk_size: int | None = None,
 ) -> QueryMetrics:
@@ -220,7 +264,7 @@ def meta_batch_metrics(
     """
     per_task = partial(
         task_query_metrics, model, params,
-        steps=steps, lr=lr, first_order=first_order, every_step=every_step,
+        steps=steps, lr=lr, first_order=first_order, every_step=every_step, inner=inner,
     )
     images_per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
     if resolve_batching(batching, episodes.support_x.device, images_per_task) == "vmap":

@@ -14,8 +14,10 @@ from torch import Tensor, nn
 
 from fewshot.episode import Episodes
 from fewshot.evaluation import format_test_result, mean_and_ci95, summarise_test
+from fewshot.inner_optimizers import InnerOptimizerName, make_inner_optimizer
 from fewshot.maml import (
     Batching,
+    InnerLoop,
     LearningRate,
     QueryMetrics,
     adapt,
@@ -70,6 +72,23 @@ class MetaLearner(LightningModule):
         nonfinite: what a NaN or Inf in the meta-loss or meta-gradient does: ``stop`` the run
             with an error naming the step (no checkpoint is written after it), or ``skip`` that
             meta-step with a warning (the weights and optimizer state stay as they were).
+
+    Inner optimizers and the algorithm family (see :mod:`fewshot.inner_optimizers`):
+
+    Args:
+        inner_optimizer: ``sgd`` (MAML), ``momentum`` or ``adam``: differentiable transforms
+            from the support gradient to the direction the inner loop steps along (with
+            ``inner_lr``, or learned rates, as the step size).
+        inner_momentum: momentum of ``momentum``.
+        inner_betas, inner_eps, inner_eps_inside_sqrt: Adam's moment decays and epsilon. The
+            defaults (eps 1e-3 inside the square root) keep second-order meta-gradients
+            finite; PyTorch's (1e-8, outside) make them explode.
+        inner_max_grad_norm: clip each task's inner gradient to this 2-norm (None: off).
+        meta_sgd: Meta-SGD (Li et al., 2017): a learned inner rate for every parameter entry
+            and inner step, initialised to ``inner_lr`` (LSLR, ``learn_inner_lr``, is its
+            per-tensor variant; set one or the other).
+        anil: ANIL (Raghu et al., 2020): the inner loop adapts the head only; the body stays
+            at its meta-parameters for every task (and is still meta-learned).
     """
 
     def __init__(
@@ -95,6 +114,14 @@ class MetaLearner(LightningModule):
         min_meta_lr: float = 1e-5,
         weight_decay: float = 0.0,
         nonfinite: Literal["stop", "skip"] = "stop",
+        inner_optimizer: InnerOptimizerName = "sgd",
+        inner_momentum: float = 0.9,
+        inner_betas: tuple[float, float] = (0.9, 0.999),
+        inner_eps: float = 1e-3,
+        inner_eps_inside_sqrt: bool = True,
+        inner_max_grad_norm: float | None = None,
+        meta_sgd: bool = False,
+        anil: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
@@ -107,6 +134,14 @@ class MetaLearner(LightningModule):
         resolve_batching(batching, torch.device("cpu"))  # validates the value early
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        optimizer = make_inner_optimizer(inner_optimizer, momentum=inner_momentum,
+                                         betas=tuple(inner_betas), eps=inner_eps,
+                                         eps_inside_sqrt=inner_eps_inside_sqrt)
+        if inner_max_grad_norm is not None and not inner_max_grad_norm > 0:
+            raise ValueError(f"inner_max_grad_norm must be > 0 or None, got {inner_max_grad_norm}")
+        if meta_sgd and learn_inner_lr:
+            raise ValueError("meta_sgd and learn_inner_lr both learn the inner rates: set one "
+                             "(meta_sgd: per parameter entry; learn_inner_lr: per tensor)")
         self.save_hyperparameters(ignore=["backbone"])
         if multi_step_loss and inner_steps < 1:
             raise ValueError("multi_step_loss needs inner_steps >= 1")
@@ -117,17 +152,23 @@ class MetaLearner(LightningModule):
             # reuses the last (PerStepBatchNorm2d.slot clamps), never an untrained slot.
             self.per_step_norms = use_per_step_batch_norm(
                 self.network, inner_steps + 1, per_step_bn_weights, batch_norm)
-        # LSLR: ParameterDict keys may not contain dots.
+        adapted = self.network.head_parameter_names() if anil else None
+        self.inner_loop = InnerLoop(optimizer, inner_max_grad_norm, adapted)
+        # LSLR / Meta-SGD: one rate per inner step and tensor / entry, for adapted tensors
+        # only. ParameterDict keys may not contain dots.
         self.inner_lrs = nn.ParameterDict({
-            name.replace(".", "-"): nn.Parameter(torch.full((max(inner_steps, 1),), float(inner_lr)))
-            for name, _ in self.network.named_parameters()
-        }) if learn_inner_lr else None
+            name.replace(".", "-"): nn.Parameter(torch.full(
+                (max(inner_steps, 1), *(p.shape if meta_sgd else ())), float(inner_lr)))
+            for name, p in self.network.named_parameters() if adapted is None or name in adapted
+        }) if learn_inner_lr or meta_sgd else None
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_inner_lr = inner_lr if eval_inner_lr is None else eval_inner_lr
-        if learn_inner_lr and eval_inner_lr is not None:
-            raise ValueError("eval_inner_lr cannot be set with learn_inner_lr: the learned rates are used")
+        if self.inner_lrs is not None and eval_inner_lr is not None:
+            raise ValueError("eval_inner_lr cannot be set with learned inner rates "
+                             "(learn_inner_lr or meta_sgd): the learned rates are used")
         self._evaluation_accuracies: list[Tensor] = []
         self._last_step_time: float | None = None
+        self.skipped_steps = 0  # meta-steps skipped under nonfinite=skip (logged)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the meta-parameters (unadapted) for ``x: [B, C, H, W]``."""
@@ -147,7 +188,7 @@ class MetaLearner(LightningModule):
                 self.network, params, support_x, support_y,
                 steps=self.eval_inner_steps if steps is None else steps,
                 lr=self._inner_lr(training=False, detach=True) if lr is None else lr,
-                first_order=True,
+                first_order=True, inner=self.inner_loop,
             )
         return {name: p.detach() for name, p in adapted.items()}
 
@@ -165,7 +206,9 @@ class MetaLearner(LightningModule):
     def _inner_lr(self, training: bool, detach: bool = False) -> LearningRate:
         if self.inner_lrs is None:
             return self.hparams.inner_lr if training else self.eval_inner_lr
-        rates = {name: self.inner_lrs[name.replace(".", "-")] for name, _ in self.network.named_parameters()}
+        rates = {name: self.inner_lrs[name.replace(".", "-")]
+                 for name, _ in self.network.named_parameters()
+                 if name.replace(".", "-") in self.inner_lrs}
         return {name: r.detach() for name, r in rates.items()} if detach else rates
 
     def _metrics(self, episodes: Episodes, *, training: bool, first_order: bool = True,
@@ -181,6 +224,7 @@ class MetaLearner(LightningModule):
             lr=self._inner_lr(training, detach=not training),
             first_order=first_order,
             every_step=every_step,
+            inner=self.inner_loop,
             batching=self.hparams.batching,
             chunk_size=self.hparams.chunk_size,
         )
@@ -207,6 +251,8 @@ class MetaLearner(LightningModule):
         if self.hparams.nonfinite == "stop":
             raise FloatingPointError(message + " (set model.nonfinite=skip to skip such steps)")
         rank_zero_warn(message + ": meta-step skipped")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         gradients = [p.grad for p in self.parameters() if p.grad is not None]

@@ -25,8 +25,10 @@ LOG10_BINS = torch.linspace(-12.0, 2.0, 57)
 
 
 def log_magnitude_histogram(values: Tensor) -> list[int]:
-    """Counts of ``log10 |values|`` in :data:`LOG10_BINS` (exact zeros in the first bin)."""
-    magnitudes = values.detach().abs().flatten().double().clamp_min(1e-300).log10()
+    """Counts of ``log10 |values|`` in :data:`LOG10_BINS` (exact zeros in the first bin;
+    NaN and Inf left out: ``meta_grad_nonfinite`` counts them)."""
+    values = values.detach().flatten()
+    magnitudes = values[torch.isfinite(values)].abs().double().clamp_min(1e-300).log10()
     magnitudes = magnitudes.clamp(LOG10_BINS[0].item(), LOG10_BINS[-1].item())
     counts = torch.histc(magnitudes, bins=len(LOG10_BINS) - 1,
                          min=LOG10_BINS[0].item(), max=LOG10_BINS[-1].item())
@@ -80,7 +82,8 @@ class MetaGradientMonitor(Callback):
         record = {"step": step, "bins_log10": LOG10_BINS.tolist(),
                   "meta_grad": log_magnitude_histogram(everything),
                   "per_parameter": {n: log_magnitude_histogram(g) for n, g in gradients.items()},
-                  "meta_grad_zero_fraction": float((everything == 0).double().mean())}
+                  "meta_grad_zero_fraction": float((everything == 0).double().mean()),
+                  "meta_grad_nonfinite": int((~torch.isfinite(everything)).sum())}
         self._append(trainer, record)
 
     @rank_zero_only

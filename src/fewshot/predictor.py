@@ -166,8 +166,10 @@ class Learner:
     @property
     def lr(self) -> float | None:
         """Adaptation learning rate by default; None where the model learned its rates
-        (MAML++ LSLR: one per parameter tensor and step, part of the weights)."""
-        if self.metadata["hyper_parameters"].get("learn_inner_lr"):
+        (MAML++ LSLR: one per parameter tensor and step; Meta-SGD: one per entry; part of
+        the weights)."""
+        hyper_parameters = self.metadata["hyper_parameters"]
+        if hyper_parameters.get("learn_inner_lr") or hyper_parameters.get("meta_sgd"):
             return None
         return self._meta_learner(self.ways, False).eval_inner_lr
 

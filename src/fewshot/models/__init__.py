@@ -2,5 +2,6 @@
 
 from fewshot.models.batch_norm import TransductiveBatchNorm2d
 from fewshot.models.conv4 import Conv4, FewShotClassifier
+from fewshot.models.resnet12 import ResNet12
 
-__all__ = ["Conv4", "FewShotClassifier", "TransductiveBatchNorm2d"]
+__all__ = ["Conv4", "FewShotClassifier", "ResNet12", "TransductiveBatchNorm2d"]

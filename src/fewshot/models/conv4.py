@@ -87,3 +87,7 @@ class FewShotClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x: [batch, C, H, W] -> logits [batch, ways]``."""
         return self.head(self.features(x))
+
+    def head_parameter_names(self) -> frozenset[str]:
+        """Names (as in ``named_parameters``) of the head's parameters: what ANIL adapts."""
+        return frozenset(f"head.{name}" for name, _ in self.head.named_parameters())
