@@ -162,7 +162,7 @@ def test_an_untrusted_run_config_never_runs_code(run, tmp_path):
      "backbone 'os.system' is not one fewshot rebuilds from a file"),
     ("backbone", {"class_path": "fewshot.models.Conv4", "init_args": {
         "norm_layer": {"class_path": "builtins.eval"}}}, "norm_layer 'builtins.eval' is not one"),
-    ("backbone", {"class_path": "fewshot.models.Conv4", "init_args": {"hidden_channels": [1]}},
+    ("backbone", {"class_path": "fewshot.models.Conv4", "init_args": {"hidden_channels": {"x": 1}}},
      "setting 'hidden_channels' must be a number"),
     ("format_version", FORMAT_VERSION + 1, f"format_version {FORMAT_VERSION + 1}, but this fewshot"),
     ("format", "something-else", "is not a fewshot export"),

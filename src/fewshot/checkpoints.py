@@ -110,15 +110,20 @@ def _load_weights_only(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types on damaged input
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        culprit = next((line for line in lines if "GLOBAL" in line), None)
-        if culprit is not None:
-            raise CheckpointError(f"{path} was refused: loading it would run code it names, "
-                                  f"which fewshot never does. {culprit}") from error
-        # The weights-only unpickler's own words are the useful part, not its generic preamble.
-        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint "
-                              f"({type(error).__name__}: {detail[:200]})") from error
+        raise describe_load_error(path, error) from error
+
+
+def describe_load_error(path: Path, error: Exception) -> CheckpointError:
+    """The :class:`CheckpointError` for a file ``torch.load`` failed on: refused or damaged."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    culprit = next((line for line in lines if "GLOBAL" in line), None)
+    if culprit is not None:
+        return CheckpointError(f"{path} was refused: loading it would run code it names, "
+                               f"which fewshot never does. {culprit}")
+    # The weights-only unpickler's own words are the useful part, not its generic preamble.
+    detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+    return CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint "
+                           f"({type(error).__name__}: {detail[:200]})")
 
 
 def _run_config_path(checkpoint: Path) -> Path | None:

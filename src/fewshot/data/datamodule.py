@@ -164,6 +164,11 @@ class FewShotDataModule(LightningDataModule):
 
     def _evaluation_episodes(self, split: str, episodes: int, stream: int) -> EvaluationEpisodes:
         hp = self.hparams
+        # Named by their options here; the episode classes only know episodes and queries.
+        for name, value in ((f"{split}_episodes", episodes), ("eval_queries", hp.eval_queries),
+                            ("eval_batch_size", self.eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         rank, world_size = self._distribution()
         return EvaluationEpisodes(
             self._load_split(split), hp.ways, hp.shots, hp.eval_queries, episodes,

@@ -207,13 +207,15 @@ class StepSampler(Sampler[int]):
 
     Lightning calls :meth:`set_epoch` before each epoch. ``first_step`` is the global step the
     run resumes from, so a restarted epoch continues where the killed one stopped instead of
-    replaying its first meta-batches.
+    replaying its first meta-batches. The sampler starts in that step's epoch: Lightning
+    iterates a resumed epoch before its first ``set_epoch`` call.
     """
 
     def __init__(self, steps_per_epoch: int, first_step: int = 0) -> None:
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        self.steps_per_epoch, self.first_step, self.epoch = steps_per_epoch, first_step, 0
+        self.steps_per_epoch, self.first_step = steps_per_epoch, first_step
+        self.epoch = first_step // steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
