@@ -138,3 +138,10 @@ def test_nonfinite_gradients_are_left_out_of_histograms_instead_of_crashing(tmp_
     log_histogram(logger, "meta_grad/x", values, step=0)
     log_histogram(logger, "meta_grad/all_nan", torch.full((3,), float("nan")), step=0)
     logger.finalize("success")
+
+
+def test_meta_sgd_rates_are_logged_as_each_steps_mean(fake_omniglot, tmp_path):
+    trainer, _ = tiny_fit(fake_omniglot, tmp_path, meta_sgd=True, inner_lr=0.3)
+    rows = read_csv(tmp_path / "runs" / "version_0" / "metrics.csv")
+    logged = [float(r["inner_lr/head-weight/step_1"]) for r in rows if r.get("inner_lr/head-weight/step_1")]
+    assert logged and logged[0] == pytest.approx(0.3, abs=0.01)  # starts at inner_lr

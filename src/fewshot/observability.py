@@ -63,9 +63,12 @@ class MetaGradientMonitor(Callback):
             pl_module.log_dict({f"meta_grad/{k}": v for k, v in norms.items()})
         rates = getattr(pl_module, "inner_lrs", None)
         if rates is not None and step % self.log_every == 0:
+            # LSLR has one rate per tensor and step; Meta-SGD one per entry, logged as the
+            # step's mean over the tensor's entries.
             pl_module.log_dict({f"inner_lr/{name}/step_{k}": value
                                 for name, steps in rates.items()
-                                for k, value in enumerate(steps.detach().tolist())})
+                                for k, value in enumerate(
+                                    steps.detach().flatten(1).mean(dim=1).tolist())})
         if self.histogram_every and step % self.histogram_every == 0:
             self._histograms(trainer, pl_module, step)
 
