@@ -25,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 
 from fewshot.episode import Episodes
 from fewshot.inner_optimizers import SGD, InnerOptimizer, clip_by_norm
+from fewshot.memory import measured_chunk_size, recompute
 from fewshot.models.inner_step import (
     inner_step,
     mean_statistics,
@@ -166,6 +167,7 @@ def task_query_metrics(
     first_order: bool = False,
     every_step: bool = False,
     inner: InnerLoop = PLAIN_SGD,
+    checkpoint_inner_steps: bool = False,
 ) -> QueryMetrics:
     """Adapt on one task's support set and score its query set.
 
@@ -179,6 +181,9 @@ def task_query_metrics(
         first_order: treat inner gradients as constants (FOMAML).
         every_step: also score the query set before adapting and after every step.
         inner: the inner optimizer, gradient clipping and which parameters adapt.
+        checkpoint_inner_steps: keep only each inner step's inputs and run the step again in
+            the backward pass (:func:`fewshot.memory.recompute`): memory per step is one copy
+            of the parameters instead of the step's activations; same gradients.
 
     Returns:
         :class:`QueryMetrics` with losses and accuracies ``[steps + 1]`` (after 0..steps
@@ -192,7 +197,13 @@ def task_query_metrics(
             merge_statistics(recorded, mean_statistics(query_statistics))
             losses.append(F.cross_entropy(logits, query_y))
             accuracies.append((logits.argmax(dim=-1) == query_y).float().mean())
-        if step < steps:
+        if step < steps and checkpoint_inner_steps:
+            params, state, statistics = recompute(
+                lambda d, c, step=step: inner_update(model, d[0], *c, d[1], first_order, step,
+                                                     inner, d[2]),
+                (params, lr, state), (support_x, support_y))
+            merge_statistics(recorded, statistics)
+        elif step < steps:
             params, state, statistics = inner_update(
                 model, params, support_x, support_y, lr, first_order, step, inner, state)
             merge_statistics(recorded, statistics)
@@ -235,7 +246,9 @@ def meta_batch_metrics(
     every_step: bool = False,
     inner: InnerLoop = PLAIN_SGD,
     batching: Batching = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = None,
+    memory_budget: float | None = None,
+    checkpoint_inner_steps: bool = False,
 ) -> QueryMetrics:
     """Run :func:`task_query_metrics` on every task of a meta-batch.
 
@@ -243,7 +256,16 @@ def meta_batch_metrics(
         episodes: ``T`` tasks; see :class:`~fewshot.episode.Episodes` for shapes.
         batching: ``vmap`` vectorises over tasks, ``loop`` runs them one by one, ``auto`` picks
             by device (:func:`resolve_batching`). Both give the same values and gradients.
-        chunk_size: with ``vmap``, vectorise this many tasks at a time to bound memory.
+        chunk_size: with ``vmap``, vectorise this many tasks at a time (bounds the memory of
+            the vectorised computation, not of the graph kept for the backward pass). With a
+            ``memory_budget``: the tasks per recomputed chunk; ``auto`` or ``None`` derive it
+            from the budget.
+        memory_budget: bytes the meta-step may use beyond what is already allocated. The tasks
+            then run in chunks, each recomputed in the backward pass, so only one chunk's graph
+            is alive at a time; the chunk size comes from the peak memory of two tasks, measured
+            once per configuration (CUDA; CPU on Linux; elsewhere one chunk), see
+            :mod:`fewshot.memory`. Same values and gradients, about one more forward pass
+            (none when the budget holds all tasks at once).
         Other arguments as in :func:`task_query_metrics`.
 
     Returns:
@@ -262,16 +284,56 @@ def meta_batch_metrics(
         >>> tuple(losses.shape)
         (2, 1)
     """
-    per_task = partial(
-        task_query_metrics, model, params,
-        steps=steps, lr=lr, first_order=first_order, every_step=every_step, inner=inner,
-    )
+    options = dict(steps=steps, first_order=first_order, every_step=every_step, inner=inner,
+                   checkpoint_inner_steps=checkpoint_inner_steps)
     images_per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
-    if resolve_batching(batching, episodes.support_x.device, images_per_task) == "vmap":
-        losses, accuracies, statistics = vmap(per_task, chunk_size=chunk_size)(*episodes)
+    strategy = resolve_batching(batching, episodes.support_x.device, images_per_task)
+    if memory_budget is not None:
+        metrics = _within_budget(model, params, lr, episodes, strategy, memory_budget,
+                                 chunk_size, options)
+    elif chunk_size == "auto":
+        raise ValueError("chunk_size='auto' derives the chunk from a memory_budget: set one")
     else:
-        results = [per_task(*task) for task in zip(*episodes, strict=True)]
-        losses = torch.stack([r.losses for r in results])
-        accuracies = torch.stack([r.accuracies for r in results])
-        statistics = {k: torch.stack([r.statistics[k] for r in results]) for k in results[0].statistics}
+        metrics = _all_tasks(model, params, lr, episodes, strategy, chunk_size, options)
+    losses, accuracies, statistics = metrics
     return QueryMetrics(losses, accuracies, {k: v.mean(dim=0) for k, v in statistics.items()})
+
+
+def _all_tasks(model: nn.Module, params: Params, lr: LearningRate, episodes: Episodes,
+               strategy: str, chunk_size: int | None, options: dict) -> QueryMetrics:
+    """Per-task metrics ``[T, ...]``, statistics not yet averaged over tasks."""
+    per_task = partial(task_query_metrics, model, params, lr=lr, **options)
+    if strategy == "vmap":
+        return QueryMetrics(*vmap(per_task, chunk_size=chunk_size)(*episodes))
+    results = [per_task(*task) for task in zip(*episodes, strict=True)]
+    return QueryMetrics(torch.stack([r.losses for r in results]),
+                        torch.stack([r.accuracies for r in results]),
+                        {k: torch.stack([r.statistics[k] for r in results]) for k in results[0].statistics})
+
+
+def _within_budget(model: nn.Module, params: Params, lr: LearningRate, episodes: Episodes,
+                   strategy: str, budget: float, chunk_size: int | str | None,
+                   options: dict) -> QueryMetrics:
+    """:func:`_all_tasks` in chunks recomputed in the backward pass (see ``memory_budget``)."""
+    def run(differentiable, tasks) -> QueryMetrics:
+        return _all_tasks(model, *differentiable, Episodes(*tasks), strategy, None, options)
+
+    if chunk_size in (None, "auto"):
+        def first_tasks(n: int) -> None:  # the forward and backward pass of n tasks
+            metrics = run((params, lr), tuple(t[:n] for t in episodes))
+            wanted = [p for p in params.values() if p.requires_grad]
+            if wanted and metrics.losses.requires_grad:
+                torch.autograd.grad(metrics.losses.sum(), wanted, allow_unused=True)
+
+        key = (strategy, type(model).__name__, tuple((n, p.shape, p.dtype) for n, p in params.items()),
+               tuple(t.shape[1:] for t in episodes), episodes.support_x.device,
+               torch.is_grad_enabled(), tuple(sorted(options.items(), key=lambda kv: kv[0])))
+        chunk_size = measured_chunk_size(key, first_tasks, episodes.support_x.device, budget,
+                                         episodes.num_tasks)
+    if chunk_size >= episodes.num_tasks:  # everything fits: recomputing would only cost time
+        return run((params, lr), tuple(episodes))
+    chunks = [recompute(run, (params, lr), tuple(t[start:start + chunk_size] for t in episodes))
+              for start in range(0, episodes.num_tasks, chunk_size)]
+    return QueryMetrics(torch.cat([c.losses for c in chunks]),
+                        torch.cat([c.accuracies for c in chunks]),
+                        {k: torch.cat([c.statistics[k] for c in chunks]) for k in chunks[0].statistics})

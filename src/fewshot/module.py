@@ -49,7 +49,22 @@ class MetaLearner(LightningModule):
         first_order: first-order MAML (inner gradients treated as constants).
         meta_lr: Adam learning rate of the meta-parameters.
         batching: ``vmap``, ``loop`` or ``auto`` (by device); see :mod:`fewshot.maml`.
-        chunk_size: with vmap, tasks vectorised at a time (bounds memory).
+        chunk_size: with vmap, tasks vectorised at a time (bounds the vectorised computation's
+            memory); with ``memory_budget_gib``, tasks per recomputed chunk (``auto`` or unset:
+            derived from the budget).
+        memory_budget_gib: memory the meta-step may use beyond the weights, data and optimizer
+            state, in GiB. Tasks then run in chunks that are recomputed in the backward pass, so
+            only one chunk's graph is alive at a time; the chunk size comes from two tasks'
+            measured peak (CUDA, or the resident set on Linux CPUs). Same gradients, about one
+            more forward pass per step. See :mod:`fewshot.memory`.
+        checkpoint_inner_steps: keep only each inner step's inputs and run the step again in
+            the backward pass: memory per inner step falls from its activations to one copy of
+            the parameters (peak nearly flat in ``inner_steps``), at about one more inner step's
+            compute each. Same gradients. Combines with ``memory_budget_gib``.
+
+    Mixed precision: the Trainer's ``precision="bf16-mixed"`` (``--trainer.precision
+    bf16-mixed``) runs the functional core under bf16 autocast with float32 master weights, on
+    CPUs and GPUs; it is opt-in, and float32 (the default) stays exact.
 
     MAML++ switches (Antoniou et al., 2019; all off gives plain MAML), see :mod:`fewshot.mamlpp`:
 
@@ -102,7 +117,9 @@ class MetaLearner(LightningModule):
         first_order: bool = False,
         meta_lr: float = 1e-3,
         batching: Batching = "auto",
-        chunk_size: int | None = None,
+        chunk_size: int | Literal["auto"] | None = None,
+        memory_budget_gib: float | None = None,
+        checkpoint_inner_steps: bool = False,
         multi_step_loss: bool = False,
         multi_step_loss_epochs: int = 10,
         derivative_order_annealing: bool = False,
@@ -132,6 +149,12 @@ class MetaLearner(LightningModule):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
         resolve_batching(batching, torch.device("cpu"))  # validates the value early
+        if memory_budget_gib is not None and not memory_budget_gib > 0:
+            raise ValueError(f"memory_budget_gib must be positive, got {memory_budget_gib}")
+        if chunk_size == "auto" and memory_budget_gib is None:
+            raise ValueError("chunk_size='auto' derives the chunk from memory_budget_gib: set it")
+        if chunk_size is not None and chunk_size != "auto" and not chunk_size >= 1:
+            raise ValueError(f"chunk_size must be a positive number of tasks or 'auto', got {chunk_size!r}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         optimizer = make_inner_optimizer(inner_optimizer, momentum=inner_momentum,
@@ -227,6 +250,9 @@ class MetaLearner(LightningModule):
             inner=self.inner_loop,
             batching=self.hparams.batching,
             chunk_size=self.hparams.chunk_size,
+            memory_budget=(None if self.hparams.memory_budget_gib is None
+                           else self.hparams.memory_budget_gib * 2**30),
+            checkpoint_inner_steps=self.hparams.checkpoint_inner_steps and training,
         )
 
     def meta_loss(self, episodes: Episodes, epoch: int) -> tuple[Tensor, QueryMetrics, bool]:

@@ -68,7 +68,7 @@ class MetaGradientMonitor(Callback):
             pl_module.log_dict({f"inner_lr/{name}/step_{k}": value
                                 for name, steps in rates.items()
                                 for k, value in enumerate(
-                                    steps.detach().flatten(1).mean(dim=1).tolist())})
+                                    steps.detach().reshape(steps.shape[0], -1).mean(dim=1).tolist())})
         if self.histogram_every and step % self.histogram_every == 0:
             self._histograms(trainer, pl_module, step)
 

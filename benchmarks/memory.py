@@ -1,0 +1,112 @@
+"""Peak memory of one second-order meta-step against inner steps: plain vs checkpointed steps.
+
+    python benchmarks/memory.py [--setting omniglot] [--steps 1 5 10 20] [--tasks 8]
+                                [--budget_mib 200] [--device cpu]
+
+Each point (inner steps x mode) builds the model and the episodes, runs one warm-up meta-step
+and then measures one more: forward, meta-backward; on the CPU in a fresh Python process. CPU:
+the growth of the resident set during the measured step (``VmHWM`` reset through
+``/proc/self/clear_refs``, freed heap returned first with ``malloc_trim``); CUDA:
+``torch.cuda.max_memory_allocated``. Modes: ``plain``, ``checkpoint`` (``checkpoint_inner_steps``:
+each inner step recomputed in the backward pass) and, with ``--budget_mib``, ``budget``
+(``memory_budget``: tasks in recomputed chunks sized from the budget, inner steps checkpointed
+too). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from meta_step import SETTINGS, Setting, make_episodes
+from peak_memory import peak_memory_mib
+
+from fewshot.maml import meta_batch_metrics
+from fewshot.models import Conv4, FewShotClassifier
+
+MODES = {
+    "plain": {},
+    "checkpoint": {"checkpoint_inner_steps": True},
+    "budget": {"checkpoint_inner_steps": True, "chunk_size": "auto"},
+}
+
+
+def one_point(s: Setting, mode: str, batching: str, device: torch.device, budget_mib: float | None) -> dict:
+    torch.manual_seed(0)
+    model = FewShotClassifier(Conv4(s.channels, s.hidden, s.size), s.ways).to(device)
+    episodes = make_episodes(s, device)
+    options = dict(MODES[mode])
+    if mode == "budget":
+        options["memory_budget"] = budget_mib * 2**20
+
+    def step() -> None:
+        params = dict(model.named_parameters())
+        losses, _, _ = meta_batch_metrics(model, params, episodes, steps=s.steps, lr=s.inner_lr,
+                                          batching=batching, **options)
+        torch.autograd.grad(losses[:, -1].mean(), list(params.values()))
+
+    step()  # warm-up (and, in budget mode, the one-task measurement)
+    start = time.perf_counter()
+    _, peak = peak_memory_mib(step, device)
+    return {"steps": s.steps, "mode": mode, "peak_mib": peak, "seconds": time.perf_counter() - start}
+
+
+def mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="omniglot")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20])
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--queries", type=int, default=None)
+    parser.add_argument("--batching", default="auto", choices=["auto", "vmap", "loop"])
+    parser.add_argument("--budget_mib", type=float, default=None, help="also run the budget mode")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--point", nargs=2, metavar=("STEPS", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    base = SETTINGS[args.setting]
+    base = Setting(**{**base.__dict__, "tasks": args.tasks,
+                      "queries": args.queries if args.queries is not None else base.queries})
+
+    if args.point:  # child process: one measurement, printed as JSON
+        steps, mode = int(args.point[0]), args.point[1]
+        s = Setting(**{**base.__dict__, "steps": steps})
+        print(json.dumps(one_point(s, mode, args.batching, device, args.budget_mib)))
+        return
+
+    modes = ["plain", "checkpoint"] + (["budget"] if args.budget_mib else [])
+    points = []
+    for steps in args.steps:
+        for mode in modes:
+            if device.type == "cuda":  # the allocator's own peak: no fresh process needed
+                s = Setting(**{**base.__dict__, "steps": steps})
+                points.append(one_point(s, mode, args.batching, device, args.budget_mib))
+                continue
+            child = [sys.executable, __file__, "--point", str(steps), mode, *sys.argv[1:]]
+            done = subprocess.run(child, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{steps} steps, {mode}: failed\n{done.stderr[-3000:]}")
+            points.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    unit = "peak MiB" if device.type == "cuda" else "RSS growth MiB"
+    print(f"{base.name}, {base.tasks} tasks, {base.queries} queries/class, second order, "
+          f"batching {args.batching}, {device.type} ({torch.get_num_threads()} threads): {unit} "
+          f"(seconds) of one meta-step")
+    print(f"{'inner steps':>11}" + "".join(f"{m:>22}" for m in modes))
+    for steps in args.steps:
+        row = {p["mode"]: p for p in points if p["steps"] == steps}
+        cells = "".join(f"{mib(row[m]['peak_mib']):>14} ({row[m]['seconds']:5.1f}s)" for m in modes)
+        print(f"{steps:>11}{cells}")
+    print(json.dumps({"benchmark": "memory", "setting": base.name, "tasks": base.tasks,
+                      "queries": base.queries, "device": device.type, "batching": args.batching,
+                      "budget_mib": args.budget_mib, "points": points}))
+
+
+if __name__ == "__main__":
+    main()
