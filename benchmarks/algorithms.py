@@ -23,15 +23,13 @@ Last line: one JSON object with every arm's figures.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
-from common import DEFAULT_OMNIGLOT, REPO, fit_then_test, run_in_parallel
+from common import arms_parser, fit_then_test, run_arms
 
 # Adam's first step moves every entry by about lr whatever its gradient; SGD at 0.4 moves the
 # median entry by 0.016 on Omniglot at initialisation (median |support gradient| 0.04), so
@@ -65,35 +63,19 @@ def meta_gradient_summary(log_dir: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=4.0)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser = arms_parser(__doc__.splitlines()[0], ARMS, 4.0, "omniglot_5way_1shot_cpu.yaml",
+                         "benchmark_algorithms")
     parser.add_argument("--inner_steps", type=int, default=2)
-    parser.add_argument("--config", default=str(REPO / "configs" / "omniglot_5way_1shot_cpu.yaml"))
-    parser.add_argument("--data_root", default=DEFAULT_OMNIGLOT)
-    parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--output_dir", default=str(REPO / "runs" / "benchmark_algorithms"))
-    parser.add_argument("--parallel", action="store_true")
-    parser.add_argument("--result_file", help=argparse.SUPPRESS)  # used by --parallel
-    args, overrides = parser.parse_known_args()
-    arms = args.arms.split(",")
-    unknown = set(arms) - set(ARMS)
-    if unknown:
-        parser.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
 
-    if args.parallel:
-        results = run_in_parallel(__file__, arms, sys.argv[1:])
-    else:
+    def run_one(args, arm: str, overrides: list[str]) -> dict:
         common = [f"--model.inner_steps={args.inner_steps}", "--model.eval_inner_steps=3",
                   "--model.nonfinite=skip"]
-        results = {}
-        for arm in arms:
-            result = fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
-                                   f"{args.output_dir}/{arm}", [*common, *ARMS[arm], *overrides])
-            results[arm] = {**result, **meta_gradient_summary(result["log_dir"])}
-    if args.result_file:
-        with open(args.result_file, "w") as f:
-            json.dump(results, f)
+        result = fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
+                               f"{args.output_dir}/{arm}", [*common, *ARMS[arm], *overrides])
+        return {**result, **meta_gradient_summary(result["log_dir"])}
+
+    args, results = run_arms(__file__, parser, ARMS, run_one)
+    if results is None:
         return
     print()
     how = "all arms at once, 1 thread each" if args.parallel else "one arm after another"

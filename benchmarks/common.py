@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -57,7 +58,15 @@ def fit_then_test(config: str, minutes: float, data_root: str, episodes: int, ou
 def run_in_parallel(script: str, arms: list[str], argv: list[str]) -> dict:
     """Each arm in a child process of ``script`` (``--arms=ARM --result_file=F``), one thread
     each, all started together, so every arm meets the same machine load."""
-    argv = [a for a in argv if a != "--parallel" and not a.startswith("--arms")]
+    kept, skip_value = [], False
+    for a in argv:  # drop --parallel and --arms (either "--arms=X" or "--arms X")
+        if skip_value or a == "--parallel" or a.startswith("--arms="):
+            skip_value = False
+        elif a == "--arms":
+            skip_value = True
+        else:
+            kept.append(a)
+    argv = kept
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as folder:
         children = {}
@@ -81,4 +90,40 @@ def run_in_parallel(script: str, arms: list[str], argv: list[str]) -> dict:
     if not results:
         sys.exit("every arm failed")
     return results
+
+
+def arms_parser(description: str, arms: dict, minutes: float, config: str,
+                output_dir: str) -> argparse.ArgumentParser:
+    """The options every arm-comparison benchmark shares (``--arms``, budget, data, parallel)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--minutes", type=float, default=minutes)
+    parser.add_argument("--arms", default=",".join(arms))
+    parser.add_argument("--config", default=str(REPO / "configs" / config))
+    parser.add_argument("--data_root", default=DEFAULT_OMNIGLOT)
+    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--output_dir", default=str(REPO / "runs" / output_dir))
+    parser.add_argument("--parallel", action="store_true")
+    parser.add_argument("--result_file", help=argparse.SUPPRESS)  # used by --parallel
+    return parser
+
+
+def run_arms(script: str, parser: argparse.ArgumentParser, arms: dict,
+             run_one) -> tuple[argparse.Namespace, dict | None]:
+    """Parse the command line and run the chosen arms: ``run_one(args, arm, overrides)`` each,
+    one after another, or every arm in its own process with ``--parallel``. Returns the
+    arguments and the results by arm; ``None`` in a ``--parallel`` child, which writes its
+    result file instead."""
+    args, overrides = parser.parse_known_args()
+    chosen = args.arms.split(",")
+    unknown = set(chosen) - set(arms)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {list(arms)}")
+    if args.parallel:
+        return args, run_in_parallel(script, chosen, sys.argv[1:])
+    results = {arm: run_one(args, arm, overrides) for arm in chosen}
+    if args.result_file:
+        with open(args.result_file, "w") as f:
+            json.dump(results, f)
+        return args, None
+    return args, results
 

@@ -18,11 +18,9 @@ Last line: one JSON object with every arm's accuracy and CI.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
-from common import DEFAULT_OMNIGLOT, REPO, fit_then_test, run_in_parallel
+from common import arms_parser, fit_then_test, run_arms
 
 ARMS = {
     "maml": ["--model.multi_step_loss=false", "--model.derivative_order_annealing=false",
@@ -36,30 +34,15 @@ ARMS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--config", default=str(REPO / "configs" / "mamlpp_omniglot_5way_1shot_cpu.yaml"))
-    parser.add_argument("--data_root", default=DEFAULT_OMNIGLOT)
-    parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--output_dir", default=str(REPO / "runs" / "benchmark_mamlpp_ablation"))
-    parser.add_argument("--parallel", action="store_true")
-    parser.add_argument("--result_file", help=argparse.SUPPRESS)  # used by --parallel
-    args, overrides = parser.parse_known_args()
-    arms = args.arms.split(",")
-    unknown = set(arms) - set(ARMS)
-    if unknown:
-        parser.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+    parser = arms_parser(__doc__.splitlines()[0], ARMS, 15.0,
+                         "mamlpp_omniglot_5way_1shot_cpu.yaml", "benchmark_mamlpp_ablation")
 
-    if args.parallel:
-        results = run_in_parallel(__file__, arms, sys.argv[1:])
-    else:
-        results = {arm: fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
-                                      f"{args.output_dir}/{arm}", [*ARMS[arm], *overrides])
-                   for arm in arms}
-    if args.result_file:
-        with open(args.result_file, "w") as f:
-            json.dump(results, f)
+    def run_one(args, arm: str, overrides: list[str]) -> dict:
+        return fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
+                             f"{args.output_dir}/{arm}", [*ARMS[arm], *overrides])
+
+    args, results = run_arms(__file__, parser, ARMS, run_one)
+    if results is None:
         return
     print()
     how = "all arms at once, 1 thread each" if args.parallel else "one arm after another"

@@ -1,56 +1,27 @@
-"""Peak memory of a piece of work, on CUDA (the caching allocator's own count) or on the CPU.
+"""Peak memory of a piece of work in MiB, for the benchmark tables.
 
-CPU: the process's peak resident set (``VmHWM``) is reset through ``/proc/self/clear_refs``
-after ``malloc_trim`` has returned freed heap pages to the system, so the figure is the growth
-of the resident set during the work, in MiB. Linux only; elsewhere the figure is ``None``.
+A thin shell over :func:`fewshot.memory.peak_bytes` (the measurement the memory budget uses):
+on CUDA the table shows the allocator's absolute peak (weights and inputs included), on a Linux
+CPU the growth of the resident set; elsewhere ``None``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from fewshot.memory import peak_bytes
+
 MiB = 2**20
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _trim_heap() -> None:
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc
-            ctypes.CDLL(name).malloc_trim(0)
-
-
 def peak_memory_mib(work: Callable[[], Any], device: torch.device) -> tuple[Any, float | None]:
-    """Run ``work()``; return its result and the peak memory it needed in MiB.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` during the call (everything allocated, inputs
-    and weights included). CPU: the growth of the resident set (``None`` where unmeasurable).
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = work()
-        torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) / MiB
-    try:
-        _trim_heap()
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # resets VmHWM to the current resident set
-        before = _status_kib("VmRSS")
-    except OSError:
+    """Run ``work()``; return its result and the peak memory it needed in MiB."""
+    allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    results = []
+    peak = peak_bytes(lambda: results.append(work()), device)
+    if not results:  # unmeasurable here: peak_bytes did not run the work
         return work(), None
-    result = work()
-    return result, (_status_kib("VmHWM") - before) / 1024
+    return results[0], None if peak is None else (peak + allocated) / MiB
