@@ -9,7 +9,6 @@ from test_maml import random_episodes, relative_error, tiny_model
 
 import fewshot.maml
 import fewshot.memory
-import fewshot.models.batch_norm as batch_norm
 from fewshot.episode import Episodes
 from fewshot.maml import meta_batch_metrics
 from fewshot.memory import CPU_MARGIN, chunk_size_for_budget, measured_chunk_size
@@ -104,26 +103,6 @@ def test_chunk_size_auto_needs_a_budget():
         meta_gradient(model, episodes, batching="vmap", chunk_size="auto")
     with pytest.raises(ValueError, match="memory_budget_gib"):
         MetaLearner(chunk_size="auto")
-
-
-def test_fused_batch_norm_outside_vmap_equals_the_primitive_ops(monkeypatch):
-    model, episodes = tiny_model(), random_episodes()
-    fused = meta_gradient(model, episodes, batching="loop")
-    monkeypatch.setattr(batch_norm, "inside_vmap", lambda: True)  # force the primitive ops
-    primitive = meta_gradient(model, episodes, batching="loop")
-    assert relative_error(fused[2], primitive[2]) < 1e-12
-
-
-def test_inside_vmap_sees_vmap_through_grad():
-    seen = []
-    def f(x):
-        seen.append(batch_norm.inside_vmap())
-        return x.sum()
-    f(torch.ones(2))
-    torch.func.grad(f)(torch.ones(2))
-    torch.func.vmap(torch.func.grad(f))(torch.ones(3, 2))
-    torch.func.grad(lambda x: torch.func.vmap(f)(x).sum())(torch.ones(3, 2))
-    assert seen == [False, False, True, True]
 
 
 def learner(**options) -> MetaLearner:

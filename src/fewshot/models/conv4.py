@@ -12,7 +12,13 @@ NormLayer = Callable[[int], nn.Module]
 
 
 class Conv4(nn.Module):
-    """Feature extractor: 4 x [conv 3x3, batch norm, ReLU, max-pool 2x2], then flatten.
+    """Feature extractor: 4 x [conv 3x3, batch norm, max-pool 2x2, ReLU], then flatten.
+
+    MAML's block is conv, batch norm, ReLU, max-pool; max-pool and ReLU commute (both are
+    monotone, ``max(relu(a), relu(b)) = relu(max(a, b))``), so pooling first computes the same
+    function and, where the maximum is not tied, the same derivatives of every order, with the
+    ReLU and its derivatives on a quarter of the values (conv4 on Omniglot, second-order meta-step
+    on a CPU: 6% less time at one thread). State dicts are unchanged (neither has parameters).
 
     64 filters for Omniglot and 32 for mini-ImageNet reproduce MAML; MAML++ uses 48 (64 on
     Omniglot). A 28x28 input leaves a 1x1 map (64 features), an 84x84 input a 5x5 map.
@@ -49,8 +55,8 @@ class Conv4(nn.Module):
             blocks += [
                 nn.Conv2d(channels, hidden_channels, kernel_size=3, padding=1),
                 norm_layer(hidden_channels),
-                nn.ReLU(),
                 nn.MaxPool2d(2),
+                nn.ReLU(),
             ]
             channels, side = hidden_channels, side // 2
         if side < 1:

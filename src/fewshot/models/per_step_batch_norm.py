@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fewshot.models.batch_norm import batch_norm_with_batch_statistics
 from fewshot.models.inner_step import adapting_on_support, current_inner_step, record_statistic
 
 BatchNormMode = Literal["transductive", "per_step_running"]
@@ -70,23 +71,21 @@ class PerStepBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         slot = self.slot()
+        weight = self.weight[slot] if self.per_step_affine else self.weight
+        bias = self.bias[slot] if self.per_step_affine else self.bias
         if self.mode == "per_step_running" and not self.training and not adapting_on_support():
             mean = self.running_mean[slot].view(1, -1, 1, 1)
             variance = self.running_var[slot].view(1, -1, 1, 1)
-            centred = x - mean
-        else:  # primitive ops: exact second-order gradients under vmap (see batch_norm.py)
-            mean = x.mean(dim=(0, 2, 3), keepdim=True)
-            centred = x - mean
-            variance = centred.square().mean(dim=(0, 2, 3), keepdim=True)
-            if self.mode == "per_step_running":
+            normalised = (x - mean) * torch.rsqrt(variance + self.eps)
+            return normalised * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+        if self.mode == "per_step_running":
+            with torch.no_grad():
+                variance, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
                 n = x.shape[0] * x.shape[2] * x.shape[3]
-                unbiased = variance.detach().flatten() * (n / max(n - 1, 1))
-                record_statistic(f"{self.key}/{slot}/mean", mean.detach().flatten())
-                record_statistic(f"{self.key}/{slot}/var", unbiased)
-        normalised = centred * torch.rsqrt(variance + self.eps)
-        weight = self.weight[slot] if self.per_step_affine else self.weight
-        bias = self.bias[slot] if self.per_step_affine else self.bias
-        return normalised * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+            record_statistic(f"{self.key}/{slot}/mean", mean)
+            record_statistic(f"{self.key}/{slot}/var", variance * (n / max(n - 1, 1)))  # unbiased
+        # The transductive batch norm's exact paths (closed form, fused, or primitive under vmap).
+        return batch_norm_with_batch_statistics(x, weight, bias, self.eps)
 
     @torch.no_grad()
     def update_running_statistics(self, statistics: dict[str, Tensor]) -> None:
