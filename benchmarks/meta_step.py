@@ -104,6 +104,7 @@ def rows_for(s: Setting, device: torch.device, peers: dict, chunk_size: int,
     rows = [
         Row("fewshot loop", False, None, fs(False, batching="loop")),
         Row("fewshot vmap", False, None, fs(False, batching="vmap")),
+        Row("fewshot threads", False, None, fs(False, batching="threads")),
         Row(f"fewshot auto ({auto})", False, None, fs(False, batching="auto")),
         Row(f"fewshot vmap chunk={min(chunk_size, max(1, s.tasks // 2))}", False, None,
             chunked(chunk_size)),

@@ -98,14 +98,15 @@ def test_anil_with_learned_rates_learns_them_for_the_head_only():
     dict(inner_optimizer="momentum", inner_max_grad_norm=1.0),
 ])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_vmap_and_loop_agree_for_every_algorithm(options, first_order):
+def test_vmap_threads_and_loop_agree_for_every_algorithm(options, first_order):
     results = []
-    for batching in ("vmap", "loop"):
+    for batching in ("loop", "vmap", "threads"):
         model = learner(batching=batching, first_order=first_order, **options)
-        results.append(meta_gradients(model, episodes()))
-    for name, grad in results[0].items():
-        if grad is not None:
-            torch.testing.assert_close(grad, results[1][name], rtol=1e-8, atol=1e-12)
+        results.append(meta_gradients(model, episodes(tasks=3)))
+    for other in results[1:]:
+        for name, grad in results[0].items():
+            if grad is not None:
+                torch.testing.assert_close(other[name], grad, rtol=1e-8, atol=1e-12)
 
 
 def test_learned_rates_get_meta_gradients_with_inner_adam():

@@ -166,7 +166,11 @@ def test_vmap_chunking_gives_the_same_result():
     assert relative_error(chunked, full) < 1e-12
 
 
-def test_resolve_batching():
+def test_resolve_batching(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert resolve_batching("auto", torch.device("cpu"), images_per_task=10) == "threads"
+    assert resolve_batching("auto", torch.device("cpu"), images_per_task=300) == "threads"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert resolve_batching("auto", torch.device("cpu"), images_per_task=10) == "vmap"
     assert resolve_batching("auto", torch.device("cpu"), images_per_task=30) == "loop"
     assert resolve_batching("auto", torch.device("cuda"), images_per_task=300) == "vmap"

@@ -33,9 +33,10 @@ from fewshot.models.inner_step import (
     merge_statistics,
     recording_statistics,
 )
+from fewshot.task_threads import default_workers, run_tasks_on_threads, tasks_on_threads_supported
 
 Params = dict[str, Tensor]
-Batching = Literal["vmap", "loop", "auto"]
+Batching = Literal["vmap", "loop", "threads", "auto"]
 # A float, or per parameter name the rates of every inner step ``[steps]`` (MAML++ LSLR).
 LearningRate = float | Mapping[str, Tensor]
 
@@ -229,28 +230,34 @@ def task_query_metrics(
     return QueryMetrics(torch.stack(losses), torch.stack(accuracies), mean_statistics(recorded))
 
 
-# On CPU, vmap wins while tasks are tiny (per-call overhead dominates) and the loop wins once
-# each task has enough images to keep the cores busy (benchmarks/meta_step.py: Omniglot 5-way
-# 1-shot with 1 query per class, 10 images a task, vmap 1.4x faster; with 5 queries per class,
-# 30 images a task, the loop 1.2x faster).
+# On one CPU thread, vmap wins while tasks are tiny (per-call overhead dominates) and the loop
+# wins once each task has enough images to keep the core busy (benchmarks/meta_step.py: Omniglot
+# 5-way 1-shot with 1 query per class, 10 images a task, vmap 1.4x faster; with 5 queries per
+# class, 30 images a task, the loop 1.2x faster). With more threads, whole tasks per thread
+# beat both (fewshot.task_threads).
 CPU_VMAP_MAX_IMAGES_PER_TASK = 16
 
 
 def resolve_batching(
     batching: Batching, device: torch.device, images_per_task: int = 0
-) -> Literal["vmap", "loop"]:
-    """``auto`` picks the strategy measured faster on the device for tasks of this size.
+) -> Literal["vmap", "loop", "threads"]:
+    """``auto`` picks the strategy measured fastest on the device for tasks of this size.
 
-    GPUs: always vmap, which fills the device with all tasks at once. CPU: vmap for small tasks
-    (at most ``CPU_VMAP_MAX_IMAGES_PER_TASK`` support + query images), the loop otherwise. The
-    choice depends only on the configuration, never on a timing, so runs stay reproducible.
+    GPUs: always vmap, which fills the device with all tasks at once. CPU with more than one
+    intra-op thread (``torch.get_num_threads()``): ``threads``, the tasks spread over worker
+    threads with one core each (:mod:`fewshot.task_threads`). One CPU thread: vmap for small
+    tasks (at most ``CPU_VMAP_MAX_IMAGES_PER_TASK`` support + query images), the loop
+    otherwise. The choice depends only on the configuration, never on a timing, so runs stay
+    reproducible.
     """
     if batching == "auto":
-        if device.type == "cuda" or images_per_task <= CPU_VMAP_MAX_IMAGES_PER_TASK:
+        if device.type == "cuda":
             return "vmap"
-        return "loop"
-    if batching not in ("vmap", "loop"):
-        raise ValueError(f"batching must be 'vmap', 'loop' or 'auto', got {batching!r}")
+        if device.type == "cpu" and default_workers() > 1:
+            return "threads"
+        return "vmap" if images_per_task <= CPU_VMAP_MAX_IMAGES_PER_TASK else "loop"
+    if batching not in ("vmap", "loop", "threads"):
+        raise ValueError(f"batching must be 'vmap', 'loop', 'threads' or 'auto', got {batching!r}")
     return batching
 
 
@@ -273,8 +280,11 @@ def meta_batch_metrics(
 
     Args:
         episodes: ``T`` tasks; see :class:`~fewshot.episode.Episodes` for shapes.
-        batching: ``vmap`` vectorises over tasks, ``loop`` runs them one by one, ``auto`` picks
-            by device (:func:`resolve_batching`). Both give the same values and gradients.
+        batching: ``vmap`` vectorises over tasks, ``loop`` runs them one by one, ``threads``
+            spreads them over CPU worker threads (:mod:`fewshot.task_threads`; the loop where
+            that cannot run: off the CPU, under ``torch.func`` transforms or autocast, with
+            ``memory_budget`` or ``checkpoint_inner_steps``), ``auto`` picks by device
+            (:func:`resolve_batching`). All give the same values and gradients.
         chunk_size: with ``vmap``, vectorise this many tasks at a time (bounds the memory of
             the vectorised computation, not of the graph kept for the backward pass). With a
             ``memory_budget``: the tasks per recomputed chunk; ``auto`` or ``None`` derive it
@@ -306,7 +316,11 @@ def meta_batch_metrics(
     options = dict(steps=steps, first_order=first_order, every_step=every_step, inner=inner,
                    checkpoint_inner_steps=checkpoint_inner_steps)
     images_per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
-    strategy = resolve_batching(batching, episodes.support_x.device, images_per_task)
+    device = episodes.support_x.device
+    strategy = resolve_batching(batching, device, images_per_task)
+    if strategy == "threads" and (memory_budget is not None or checkpoint_inner_steps
+                                  or not tasks_on_threads_supported(device)):
+        strategy = "loop"  # both recompute under torch.func.vjp, whose state is per thread
     if memory_budget is not None:
         metrics = _within_budget(model, params, lr, episodes, strategy, memory_budget,
                                  chunk_size, options)
@@ -324,6 +338,11 @@ def _all_tasks(model: nn.Module, params: Params, lr: LearningRate, episodes: Epi
     per_task = partial(task_query_metrics, model, params, lr=lr, **options)
     if strategy == "vmap":
         return QueryMetrics(*vmap(per_task, chunk_size=chunk_size)(*episodes))
+    if strategy == "threads":
+        return run_tasks_on_threads(
+            lambda own_model, differentiable, task: task_query_metrics(
+                own_model, differentiable[0], *task, lr=differentiable[1], **options),
+            model, (params, lr), episodes)
     results = [per_task(*task) for task in zip(*episodes, strict=True)]
     return QueryMetrics(torch.stack([r.losses for r in results]),
                         torch.stack([r.accuracies for r in results]),

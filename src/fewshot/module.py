@@ -48,7 +48,8 @@ class MetaLearner(LightningModule):
         eval_inner_lr: adaptation learning rate at validation/test (default: ``inner_lr``).
         first_order: first-order MAML (inner gradients treated as constants).
         meta_lr: Adam learning rate of the meta-parameters.
-        batching: ``vmap``, ``loop`` or ``auto`` (by device); see :mod:`fewshot.maml`.
+        batching: ``vmap``, ``loop``, ``threads`` (CPU worker threads) or ``auto`` (by
+            device and thread count); see :func:`fewshot.maml.meta_batch_metrics`.
         chunk_size: with vmap, tasks vectorised at a time (bounds the vectorised computation's
             memory); with ``memory_budget_gib``, tasks per recomputed chunk (``auto`` or unset:
             derived from the budget).
