@@ -17,8 +17,9 @@ class Conv4(nn.Module):
     MAML's block is conv, batch norm, ReLU, max-pool; max-pool and ReLU commute (both are
     monotone, ``max(relu(a), relu(b)) = relu(max(a, b))``), so pooling first computes the same
     function and, where the maximum is not tied, the same derivatives of every order, with the
-    ReLU and its derivatives on a quarter of the values (conv4 on Omniglot, second-order meta-step
-    on a CPU: 6% less time at one thread). State dicts are unchanged (neither has parameters).
+    ReLU and its derivatives on a quarter of the values (second-order meta-step on Omniglot, one
+    CPU thread: MAML's order takes 9% longer, ``python benchmarks/loop_ablation.py``). State
+    dicts are unchanged (neither layer has parameters).
 
     64 filters for Omniglot and 32 for mini-ImageNet reproduce MAML; MAML++ uses 48 (64 on
     Omniglot). A 28x28 input leaves a 1x1 map (64 features), an 84x84 input a 5x5 map.
