@@ -3,9 +3,11 @@
     python benchmarks/meta_step.py [--setting omniglot mini_imagenet] [--repeats 5] [--device cpu]
                                    [--extra checkpoint budget bf16] [--rows "fewshot vmap" ...]
 
-Two settings, both second order: Omniglot 5-way 1-shot, 32 tasks, 1 inner step (28x28x1,
-conv4 with 64 filters, 1 query image per class as in MAML's code, ``--queries`` for more) and
-mini-ImageNet 5-way 5-shot, 4 tasks, 5 inner steps (84x84x3, 32 filters, 15 queries per class).
+fewshot's rows: the per-task loop, vmap, worker threads (CPU only), ``auto`` (the strategy
+fewshot picks by default), vmap in chunks, and ``auto`` first order. Two settings, both second
+order: Omniglot 5-way 1-shot, 32 tasks, 1 inner step (28x28x1, conv4 with 64 filters, 1 query
+image per class as in MAML's code, ``--queries`` for more) and mini-ImageNet 5-way 5-shot,
+4 tasks, 5 inner steps (84x84x3, 32 filters, 15 queries per class).
 
 Every row computes the gradient of the mean query loss for the same weights and images. fewshot
 runs its conv4 (batch norm from :class:`~fewshot.models.TransductiveBatchNorm2d`), the peers the
@@ -104,7 +106,8 @@ def rows_for(s: Setting, device: torch.device, peers: dict, chunk_size: int,
     rows = [
         Row("fewshot loop", False, None, fs(False, batching="loop")),
         Row("fewshot vmap", False, None, fs(False, batching="vmap")),
-        Row("fewshot threads", False, None, fs(False, batching="threads")),
+        *([Row("fewshot threads", False, None, fs(False, batching="threads"))]
+          if device.type == "cpu" else []),  # elsewhere threads fall back to the loop
         Row(f"fewshot auto ({auto})", False, None, fs(False, batching="auto")),
         Row(f"fewshot vmap chunk={min(chunk_size, max(1, s.tasks // 2))}", False, None,
             chunked(chunk_size)),
