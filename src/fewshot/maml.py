@@ -238,6 +238,10 @@ def task_query_metrics(
 CPU_VMAP_MAX_IMAGES_PER_TASK = 16
 
 
+def _one_thread_choice(images_per_task: int) -> Literal["vmap", "loop"]:
+    return "vmap" if images_per_task <= CPU_VMAP_MAX_IMAGES_PER_TASK else "loop"
+
+
 def resolve_batching(
     batching: Batching, device: torch.device, images_per_task: int = 0
 ) -> Literal["vmap", "loop", "threads"]:
@@ -255,7 +259,7 @@ def resolve_batching(
             return "vmap"
         if device.type == "cpu" and default_workers() > 1:
             return "threads"
-        return "vmap" if images_per_task <= CPU_VMAP_MAX_IMAGES_PER_TASK else "loop"
+        return _one_thread_choice(images_per_task)
     if batching not in ("vmap", "loop", "threads"):
         raise ValueError(f"batching must be 'vmap', 'loop', 'threads' or 'auto', got {batching!r}")
     return batching
@@ -281,10 +285,15 @@ def meta_batch_metrics(
     Args:
         episodes: ``T`` tasks; see :class:`~fewshot.episode.Episodes` for shapes.
         batching: ``vmap`` vectorises over tasks, ``loop`` runs them one by one, ``threads``
-            spreads them over CPU worker threads (:mod:`fewshot.task_threads`; the loop where
-            that cannot run: off the CPU, under ``torch.func`` transforms or autocast, with
-            ``memory_budget`` or ``checkpoint_inner_steps``), ``auto`` picks by device
-            (:func:`resolve_batching`). All give the same values and gradients.
+            spreads them over CPU worker threads (:mod:`fewshot.task_threads`), ``auto`` picks
+            by device (:func:`resolve_batching`). All give the same values and gradients.
+            ``threads`` computes the meta-gradient once (no ``create_graph`` through it, no
+            second backward pass) and gives way (to the loop, or under ``auto`` to the
+            one-thread choice) where it cannot run or would leave cores idle: off the CPU,
+            fewer tasks than threads, per-thread state around the call (``torch.func``
+            transforms, autocast, dispatch modes, saved-tensor hooks), a ``memory_budget`` or
+            ``checkpoint_inner_steps``, inputs that need gradients other than ``params`` and
+            ``lr``.
         chunk_size: with ``vmap``, vectorise this many tasks at a time (bounds the memory of
             the vectorised computation, not of the graph kept for the backward pass). With a
             ``memory_budget``: the tasks per recomputed chunk; ``auto`` or ``None`` derive it
@@ -318,9 +327,9 @@ def meta_batch_metrics(
     images_per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
     device = episodes.support_x.device
     strategy = resolve_batching(batching, device, images_per_task)
-    if strategy == "threads" and (memory_budget is not None or checkpoint_inner_steps
-                                  or not tasks_on_threads_supported(device)):
-        strategy = "loop"  # both recompute under torch.func.vjp, whose state is per thread
+    if strategy == "threads" and not _threads_can_run(model, params, episodes, memory_budget,
+                                                      checkpoint_inner_steps):
+        strategy = "loop" if batching == "threads" else _one_thread_choice(images_per_task)
     if memory_budget is not None:
         metrics = _within_budget(model, params, lr, episodes, strategy, memory_budget,
                                  chunk_size, options)
@@ -330,6 +339,18 @@ def meta_batch_metrics(
         metrics = _all_tasks(model, params, lr, episodes, strategy, chunk_size, options)
     losses, accuracies, statistics = metrics
     return QueryMetrics(losses, accuracies, {k: v.mean(dim=0) for k, v in statistics.items()})
+
+
+def _threads_can_run(model: nn.Module, params: Params, episodes: Episodes,
+                     memory_budget: float | None, checkpoint_inner_steps: bool) -> bool:
+    """Whether the tasks may go to worker threads (:mod:`fewshot.task_threads`)."""
+    if memory_budget is not None or checkpoint_inner_steps:
+        return False  # both recompute under torch.func.vjp, whose state is per thread
+    if any(t.requires_grad for t in episodes):
+        return False  # the workers pass gradients to the parameters and learning rates only
+    if any(p.requires_grad and name not in params for name, p in model.named_parameters()):
+        return False  # ... not to module parameters left out of ``params``
+    return tasks_on_threads_supported(episodes.support_x.device, episodes.num_tasks)
 
 
 def _all_tasks(model: nn.Module, params: Params, lr: LearningRate, episodes: Episodes,

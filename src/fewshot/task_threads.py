@@ -17,9 +17,11 @@ so two threads must not share one module: every worker calls a copy of the model
 of its own that shares the parameter and buffer tensors (:func:`shallow_module_copy`).
 
 Thread-local settings do not follow a computation into a worker, so the caller must not need
-them there: :func:`tasks_on_threads_supported` is false under ``torch.func`` transforms and
-autocast, which then use the loop. Context variables (the inner-step context of
-:mod:`fewshot.models.inner_step`) are copied into the workers.
+them there: :func:`tasks_on_threads_supported` is false under ``torch.func`` transforms,
+autocast, function and dispatch modes and saved-tensor hooks, which then use the loop. Context
+variables (the inner-step context of :mod:`fewshot.models.inner_step`) are copied into the
+workers. The meta-gradient is computed once: differentiating it again (``create_graph=True``)
+or a second backward pass through the same meta-batch is refused by name (the loop does both).
 """
 
 from __future__ import annotations
@@ -42,46 +44,51 @@ from fewshot.models.batch_norm import inside_functorch_transform
 # losses) is the only one differentiated.
 TaskRunner = Callable[[nn.Module, Any, Sequence[Tensor]], Any]
 
-_pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
-_pool_lock = threading.Lock()
+# One pool per size, never shut down: a graph waiting for its backward pass keeps using the
+# pool that built it, whatever ran in between.
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+_single_threaded_workers = True  # False where set_num_threads is process-wide (no OpenMP)
 
 
-def _forget_pool_in_child() -> None:
+def _forget_pools_in_child() -> None:
     # A forked child (a DataLoader worker, say) has none of the parent's threads: it must start
-    # its own pool rather than wait on workers that do not exist there.
-    global _pool, _pool_workers, _pool_lock
-    _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()
+    # its own pools rather than wait on workers that do not exist there.
+    global _pools, _pools_lock
+    _pools, _pools_lock = {}, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
-def _become_single_threaded(started: threading.Barrier) -> None:
+def _become_single_threaded(started: threading.Barrier) -> int:
     torch.get_num_threads()  # a thread's first call copies the process-wide setting; then:
     torch.set_num_threads(1)  # this thread's own (OpenMP's is per thread)
-    started.wait()
+    started.wait(timeout=60)
+    return torch.get_num_threads()
 
 
 def worker_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's pool of ``workers`` threads, each running with one intra-op thread."""
-    global _pool, _pool_workers
-    with _pool_lock:
-        if _pool is None or _pool_workers != workers:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
+    """A pool of ``workers`` threads, each running with one intra-op thread (one pool per size,
+    kept for the life of the process)."""
+    global _single_threaded_workers
+    with _pools_lock:
+        if workers not in _pools:
             intra_op = torch.get_num_threads()
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="fewshot-tasks")
+            pool = ThreadPoolExecutor(workers, thread_name_prefix=f"fewshot-tasks-{workers}")
             started = threading.Barrier(workers + 1)
             # Every worker blocks on the barrier, so the pool starts all of them now.
             futures = [pool.submit(_become_single_threaded, started) for _ in range(workers)]
-            started.wait()
-            for future in futures:
-                future.result()
-            # set_num_threads(1) also lowered the process-wide value new threads start from.
+            started.wait(timeout=60)
+            own_threads = [future.result() for future in futures]
+            # set_num_threads(1) also lowered the process-wide value new threads start from;
+            # and without OpenMP it is process-wide only: then workers would not be single-
+            # threaded, and tasks stay in the caller's thread (tasks_on_threads_supported).
             torch.set_num_threads(intra_op)
-            _pool, _pool_workers = pool, workers
-        return _pool
+            _single_threaded_workers = _single_threaded_workers and own_threads == [1] * workers \
+                and torch.get_num_threads() == intra_op
+            _pools[workers] = pool
+        return _pools[workers]
 
 
 def shallow_module_copy(module: nn.Module) -> nn.Module:
@@ -101,11 +108,23 @@ def default_workers() -> int:
     return torch.get_num_threads()
 
 
-def tasks_on_threads_supported(device: torch.device) -> bool:
-    """Whether tasks can move to worker threads here: a CPU, no ``torch.func`` transform and
-    no autocast around the call (their state is per thread), more than one intra-op thread."""
-    return (device.type == "cpu" and default_workers() > 1 and not inside_functorch_transform()
-            and not torch.is_autocast_enabled("cpu"))
+def _thread_local_state_in_use() -> bool:
+    """Per-thread settings the workers would not see: torch.func transforms, autocast,
+    function or dispatch modes (``with torch.device(...)``, FLOP counters, ...), saved-tensor
+    hooks."""
+    return (inside_functorch_transform() or torch.is_autocast_enabled("cpu")
+            or torch._C._len_torch_function_stack() > 0
+            or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+
+
+def tasks_on_threads_supported(device: torch.device, tasks: int | None = None) -> bool:
+    """Whether tasks should move to worker threads here: a CPU with more than one intra-op
+    thread, at least as many ``tasks`` as threads (else cores would idle), and no per-thread
+    state around the call that the workers would miss (:func:`_thread_local_state_in_use`)."""
+    workers = default_workers()
+    return (device.type == "cpu" and workers > 1 and (tasks is None or tasks >= workers)
+            and _single_threaded_workers and not _thread_local_state_in_use())
 
 
 def _split(tasks: int, parts: int) -> list[range]:
@@ -170,8 +189,10 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
         The pytree of ``run_task`` with every leaf stacked over the tasks (dimension 0).
     """
     count = tasks[0].shape[0]
-    workers = max(1, min(workers or default_workers(), count))
-    pool = worker_pool(workers)
+    if count == 0:
+        raise ValueError("run_tasks_on_threads needs at least one task")
+    pool = worker_pool(workers or default_workers())
+    workers = min(workers or default_workers(), count)
     leaves, spec = pytree.tree_flatten(differentiable)
     slots = [i for i, leaf in enumerate(leaves)
              if isinstance(leaf, Tensor) and leaf.is_floating_point()]
@@ -191,6 +212,8 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
                 own_model = shallow_module_copy(model)
                 results = [run_task(own_model, mine, [t[r] for t in tasks]) for r in rows]
             flat = [pytree.tree_flatten(result) for result in results]
+            if any(f[1] != flat[0][1] for f in flat) or output_spec and output_spec[0] != flat[0][1]:
+                raise ValueError("every task must return results of the same structure")
             output_spec[:] = [flat[0][1]]
             stacked = [torch.stack(column) for column in zip(*(f[0] for f in flat), strict=True)]
             kept = [leaf if build_graph and v.requires_grad else None

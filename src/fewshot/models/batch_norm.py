@@ -99,6 +99,7 @@ class _BatchNormGradients(torch.autograd.Function):
             grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
         ctx.save_for_backward(grad_out, x, weight, mean, invstd)
         ctx.eps = eps
+        ctx.set_materialize_grads(False)  # an unused grad_x arrives as None: no zero tensor
         return grads
 
     @staticmethod
@@ -112,17 +113,21 @@ class _BatchNormGradients(torch.autograd.Function):
         # per-channel combination of the full-size tensors u, g and x̂.
         g, x, w, mean, r = ctx.saved_tensors
         dims, n = (0, 2, 3), x.numel() // x.shape[1]
-        if torch.is_grad_enabled():  # create_graph: the statistics must carry x's graph
+        differentiable = torch.is_grad_enabled()
+        if differentiable:  # create_graph: the statistics must carry x's graph
             variance, mean = torch.var_mean(x, dim=dims, correction=0)
             r = torch.rsqrt(variance + ctx.eps)
-        u = torch.zeros_like(x) if u is None else u
         a = torch.zeros_like(w) if a is None else a
         b = torch.zeros_like(w) if b is None else b
         x_hat = (x - _per_channel(mean)) * _per_channel(r)
-        g_mean, u_mean = g.mean(dims), u.mean(dims)
+        g_mean = g.mean(dims)
         gx = (g * x_hat).sum(dims)  # grad_weight
-        ux = (u * x_hat).sum(dims)
-        ug = (u * g).sum(dims) - n * u_mean * g_mean  # Σ u (g - mean(g))
+        if u is None:
+            u_mean = ux = ug = torch.zeros_like(w)
+        else:
+            u_mean = u.mean(dims)
+            ux = (u * x_hat).sum(dims)
+            ug = (u * g).sum(dims) - n * u_mean * g_mean  # Σ u (g - mean(g))
         wr = w * r
         grad_w = r * (ug - ux * gx / n)
         k = (a - wr * ux / n) * r  # coefficient of g in grad_x
@@ -130,10 +135,17 @@ class _BatchNormGradients(torch.autograd.Function):
         x_hat_coefficient = -wr * r / n * (ug - gx * ux / n) - k * gx / n + m * ux / n
         grad_x = torch.addcmul(_per_channel(m * u_mean - k * g_mean), x_hat,
                                _per_channel(x_hat_coefficient))
-        grad_x = grad_x + g * _per_channel(k) - u * _per_channel(m) if torch.is_grad_enabled() \
-            else grad_x.addcmul_(g, _per_channel(k)).addcmul_(u, _per_channel(-m))
         grad_g = torch.addcmul(_per_channel(b - wr * u_mean), x_hat, _per_channel(a - wr * ux / n))
-        grad_g = torch.addcmul(grad_g, u, _per_channel(wr))
+        if differentiable:  # out-of-place, so that autograd can differentiate this again
+            grad_x = grad_x + g * _per_channel(k)
+            if u is not None:
+                grad_x = grad_x - u * _per_channel(m)
+                grad_g = grad_g + u * _per_channel(wr)
+        else:
+            grad_x.addcmul_(g, _per_channel(k))
+            if u is not None:
+                grad_x.addcmul_(u, _per_channel(-m))
+                grad_g.addcmul_(u, _per_channel(wr))
         return grad_g, grad_x, grad_w, None, None, None
 
 
