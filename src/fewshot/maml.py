@@ -81,7 +81,7 @@ def _support_gradients(model: nn.Module, step: int, adapted: Params, frozen: Par
         return ({n: g.detach() for n, g in grads.items()} if first_order else grads), statistics
     # Outside transforms, plain autograd computes the same gradients with less work per
     # operation than torch.func.grad's wrappers (second-order per-task loop on Omniglot, one
-    # CPU thread: torch.func.grad takes 19% longer, benchmarks/loop_ablation.py).
+    # CPU thread: torch.func.grad takes 12-19% longer, benchmarks/loop_ablation.py).
     differentiable = torch.is_grad_enabled() and not first_order
     with torch.enable_grad():
         leaves = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in adapted.items()}

@@ -12,8 +12,8 @@ and so do published MAML numbers; fewshot's default follows them.
   closed-form second derivative (:class:`_BatchNormGradients`). Second-order MAML spends most
   of its batch-norm time in the second derivative, which autograd builds from about forty
   full-size operations; the closed form needs about fifteen (conv4 on Omniglot, one CPU thread,
-  ``python benchmarks/loop_ablation.py``: the whole meta-step takes 5% longer with autograd's
-  second derivative, 28% longer with the primitive ops).
+  ``python benchmarks/loop_ablation.py``, two runs: the whole meta-step takes 5-11% longer
+  with autograd's second derivative, 22-28% longer with the primitive ops).
 - **Inside ``vmap``**: primitive ops. The second-order gradient through the fused kernel is
   wrong under vmap when the affine parameters are adapted (about 2e-3 relative error over the
   meta-gradient in float64, torch 2.11 and 2.13, CPU and GPU); primitive ops' derivatives of

@@ -18,7 +18,7 @@ class Conv4(nn.Module):
     monotone, ``max(relu(a), relu(b)) = relu(max(a, b))``), so pooling first computes the same
     function and, where the maximum is not tied, the same derivatives of every order, with the
     ReLU and its derivatives on a quarter of the values (second-order meta-step on Omniglot, one
-    CPU thread: MAML's order takes 9% longer, ``python benchmarks/loop_ablation.py``). State
+    CPU thread: MAML's order takes 2-9% longer, ``python benchmarks/loop_ablation.py``). State
     dicts are unchanged (neither layer has parameters).
 
     64 filters for Omniglot and 32 for mini-ImageNet reproduce MAML; MAML++ uses 48 (64 on
