@@ -25,8 +25,9 @@ import copy
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from unittest.mock import patch
 
 import torch
 from meta_step import SETTINGS, Setting, fewshot_step, first_tasks, make_episodes, relative_error
@@ -35,16 +36,6 @@ from torch import nn
 import fewshot.maml
 import fewshot.models.batch_norm
 from fewshot.models import Conv4, FewShotClassifier
-
-
-@contextmanager
-def patched(module, name: str, value) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def relu_before_pool(model: FewShotClassifier) -> FewShotClassifier:
@@ -62,11 +53,11 @@ def variants() -> dict[str, Callable[[], AbstractContextManager]]:
     bn = fewshot.models.batch_norm
     return {
         "fewshot": nullcontext,
-        "autograd's batch-norm 2nd derivative": lambda: patched(bn, "inside_functorch_transform",
+        "autograd's batch-norm 2nd derivative": lambda: patch.object(bn, "inside_functorch_transform",
                                                                 lambda: True),
-        "primitive batch norm": lambda: patched(bn, "inside_vmap", lambda: True),
+        "primitive batch norm": lambda: patch.object(bn, "inside_vmap", lambda: True),
         "ReLU before max-pool": nullcontext,  # the model differs, not the code
-        "torch.func.grad inner gradient": lambda: patched(fewshot.maml, "inside_functorch_transform",
+        "torch.func.grad inner gradient": lambda: patch.object(fewshot.maml, "inside_functorch_transform",
                                                           lambda: True),
     }
 

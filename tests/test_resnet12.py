@@ -7,6 +7,7 @@ import doctest
 
 import pytest
 import torch
+from test_maml import random_episodes
 
 import fewshot.models.resnet12
 from fewshot.cli import build_cli, main
@@ -39,15 +40,6 @@ def tiny_network(ways: int = 3, seed: int = 0) -> FewShotClassifier:
                 module.weight.add_(0.3 * torch.randn_like(module.weight))
                 module.bias.add_(0.3 * torch.randn_like(module.bias))
     return network
-
-
-def random_episodes(tasks: int = 3, ways: int = 3, shots: int = 2, queries: int = 2) -> Episodes:
-    generator = torch.Generator().manual_seed(1)
-    def images(n: int) -> torch.Tensor:
-        return torch.rand(tasks, n, 1, 16, 16, generator=generator, dtype=torch.float64)
-    def labels(per_class: int) -> torch.Tensor:
-        return torch.arange(ways).repeat_interleave(per_class).repeat(tasks, 1)
-    return Episodes(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
 
 
 def meta_gradient(network, episodes, batching: str, steps: int = 2):

@@ -325,8 +325,7 @@ def meta_batch_metrics(
     options = dict(steps=steps, first_order=first_order, every_step=every_step, inner=inner,
                    checkpoint_inner_steps=checkpoint_inner_steps)
     images_per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
-    device = episodes.support_x.device
-    strategy = resolve_batching(batching, device, images_per_task)
+    strategy = resolve_batching(batching, episodes.support_x.device, images_per_task)
     if strategy == "threads" and not _threads_can_run(model, params, episodes, memory_budget,
                                                       checkpoint_inner_steps):
         strategy = "loop" if batching == "threads" else _one_thread_choice(images_per_task)

@@ -200,29 +200,26 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
     build_graph = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     output_spec: list[pytree.TreeSpec] = []
 
-    def work(rows: range, values: Sequence[Tensor], context: contextvars.Context):
-        def in_worker():
-            with torch.set_grad_enabled(build_graph):
-                own = [v.detach().requires_grad_() if build_graph and v.requires_grad else
-                       (v.detach() if build_graph else None) for v in values]
-                filled = list(leaves)
-                for i, slot in enumerate(slots):
-                    filled[slot] = values[i] if own[i] is None else own[i]
-                mine = pytree.tree_unflatten(filled, spec)
-                own_model = shallow_module_copy(model)
-                results = [run_task(own_model, mine, [t[r] for t in tasks]) for r in rows]
-            flat = [pytree.tree_flatten(result) for result in results]
-            if any(f[1] != flat[0][1] for f in flat) or output_spec and output_spec[0] != flat[0][1]:
-                raise ValueError("every task must return results of the same structure")
-            output_spec[:] = [flat[0][1]]
-            stacked = [torch.stack(column) for column in zip(*(f[0] for f in flat), strict=True)]
-            kept = [leaf if build_graph and v.requires_grad else None
-                    for leaf, v in zip(own, values, strict=True)]
-            return stacked, (stacked[0], kept, rows)
-        return context.run(in_worker)
+    def work(rows: range, values: Sequence[Tensor]):
+        with torch.set_grad_enabled(build_graph):
+            # The worker's own leaves, so that its backward pass stays within its own graph.
+            own = [v.detach().requires_grad_(v.requires_grad) for v in values] if build_graph \
+                else list(values)
+            filled = list(leaves)
+            for slot, value in zip(slots, own, strict=True):
+                filled[slot] = value
+            mine = pytree.tree_unflatten(filled, spec)
+            own_model = shallow_module_copy(model)
+            results = [run_task(own_model, mine, [t[r] for t in tasks]) for r in rows]
+        flat = [pytree.tree_flatten(result) for result in results]
+        if any(f[1] != flat[0][1] for f in flat) or output_spec and output_spec[0] != flat[0][1]:
+            raise ValueError("every task must return results of the same structure")
+        output_spec[:] = [flat[0][1]]
+        stacked = [torch.stack(column) for column in zip(*(f[0] for f in flat), strict=True)]
+        return stacked, (stacked[0], [o if o.requires_grad else None for o in own], rows)
 
     def run(values: Sequence[Tensor]):
-        pieces = [pool.submit(work, rows, values, contextvars.copy_context())
+        pieces = [pool.submit(contextvars.copy_context().run, work, rows, values)
                   for rows in _split(count, workers)]
         parts = [piece.result() for piece in pieces]
         outputs = tuple(torch.cat([p[0][i].detach() for p in parts])

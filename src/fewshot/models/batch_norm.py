@@ -113,8 +113,7 @@ class _BatchNormGradients(torch.autograd.Function):
         # per-channel combination of the full-size tensors u, g and x̂.
         g, x, w, mean, r = ctx.saved_tensors
         dims, n = (0, 2, 3), x.numel() // x.shape[1]
-        differentiable = torch.is_grad_enabled()
-        if differentiable:  # create_graph: the statistics must carry x's graph
+        if torch.is_grad_enabled():  # create_graph: the statistics must carry x's graph
             variance, mean = torch.var_mean(x, dim=dims, correction=0)
             r = torch.rsqrt(variance + ctx.eps)
         a = torch.zeros_like(w) if a is None else a
@@ -136,16 +135,10 @@ class _BatchNormGradients(torch.autograd.Function):
         grad_x = torch.addcmul(_per_channel(m * u_mean - k * g_mean), x_hat,
                                _per_channel(x_hat_coefficient))
         grad_g = torch.addcmul(_per_channel(b - wr * u_mean), x_hat, _per_channel(a - wr * ux / n))
-        if differentiable:  # out-of-place, so that autograd can differentiate this again
-            grad_x = grad_x + g * _per_channel(k)
-            if u is not None:
-                grad_x = grad_x - u * _per_channel(m)
-                grad_g = grad_g + u * _per_channel(wr)
-        else:
-            grad_x.addcmul_(g, _per_channel(k))
-            if u is not None:
-                grad_x.addcmul_(u, _per_channel(-m))
-                grad_g.addcmul_(u, _per_channel(wr))
+        grad_x = torch.addcmul(grad_x, g, _per_channel(k))
+        if u is not None:
+            grad_x = torch.addcmul(grad_x, u, _per_channel(-m))
+            grad_g = torch.addcmul(grad_g, u, _per_channel(wr))
         return grad_g, grad_x, grad_w, None, None, None
 
 
