@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 import fewshot
-from fewshot.export import ModelFiles, make_metadata
-from fewshot.images import Preprocessing
+from fewshot.inference.export import ModelFiles, make_metadata
+from fewshot.inference.images import Preprocessing
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
-from fewshot.predictor import Learner
+from fewshot.training.module import MetaLearner
+from fewshot.inference.learner import Learner
 
 WAYS, SHOTS, QUERIES = 5, 5, 100
 

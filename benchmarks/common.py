@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fewshot.cli import build_cli
+from fewshot.training.cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OMNIGLOT = os.environ.get(

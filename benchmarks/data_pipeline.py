@@ -31,7 +31,7 @@ import yaml
 from common import DEFAULT_OMNIGLOT, REPO
 
 from fewshot.data.datamodule import FewShotDataModule
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.maml import meta_batch_metrics, resolve_batching
 from fewshot.models import Conv4, FewShotClassifier
 

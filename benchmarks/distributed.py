@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, Trainer
 
 from fewshot.data.datamodule import FewShotDataModule
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
+from fewshot.training.module import MetaLearner
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"

@@ -39,7 +39,7 @@ from bench_deps import load_peers
 from peak_memory import peak_memory_mib
 from peers import higher_step, learn2learn_step, peer_model
 
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.maml import meta_batch_metrics, resolve_batching
 from fewshot.models import Conv4, FewShotClassifier
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fewshot.memory import peak_bytes
+from fewshot.execution.memory_budget import peak_bytes
 
 MiB = 2**20
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.models import Conv4, FewShotClassifier
 
 

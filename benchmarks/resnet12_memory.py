@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.maml import meta_batch_metrics
 from fewshot.models import FewShotClassifier, ResNet12
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from test_mamlpp import episodes, learner, plain_maml
 
-from fewshot.episode import Episodes
-from fewshot.export import ModelFiles, build_meta_learner, make_metadata
-from fewshot.images import Preprocessing
-from fewshot.inner_optimizers import Adam, Momentum
+from fewshot.core.episode import Episodes
+from fewshot.inference.export import ModelFiles, build_meta_learner, make_metadata
+from fewshot.inference.images import Preprocessing
+from fewshot.core.inner_optimizers import Adam, Momentum
 from fewshot.maml import adapt
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
+from fewshot.training.module import MetaLearner
 
 
 def meta_gradients(model: MetaLearner, batch: Episodes) -> dict[str, torch.Tensor]:

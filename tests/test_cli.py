@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fewshot.cli import build_cli, main, translate_legacy_flags
+from fewshot.training.cli import build_cli, main, translate_legacy_flags
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -10,7 +10,7 @@ from numbered_images import NumberedImages
 from fewshot.data.datamodule import FewShotDataModule
 from fewshot.data.episodes import TEST_STREAM, EvaluationEpisodes, MetaBatches
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
+from fewshot.training.module import MetaLearner
 
 MAMLPP = dict(multi_step_loss=True, multi_step_loss_epochs=5, learn_inner_lr=True,
               per_step_bn_weights=True, batch_norm="per_step_running")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fewshot.evaluation import mean_and_ci95, summarise_per_step
+from fewshot.core.evaluation import mean_and_ci95, summarise_per_step
 
 
 def test_ci95_by_hand():
@@ -30,7 +30,7 @@ def test_summarise_per_step_rows():
 
 
 def test_test_summary_and_its_text():
-    from fewshot.evaluation import format_test_result, summarise_test
+    from fewshot.core.evaluation import format_test_result, summarise_test
 
     result = summarise_test(torch.tensor([[0.2, 0.6], [0.2, 1.0]]), 5, 1, 1, 0.4)
     assert result["episodes"] == 2 and result["accuracy"] == pytest.approx(0.8)

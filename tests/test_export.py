@@ -15,8 +15,8 @@ import yaml
 from tiny_runs import TRAINED_WAYS, trained_once
 
 import fewshot
-from fewshot.checkpoints import read_model
-from fewshot.export import FORMAT_VERSION, CheckpointError, ModelFiles, read_export, write_export
+from fewshot.inference.checkpoints import read_model
+from fewshot.inference.export import FORMAT_VERSION, CheckpointError, ModelFiles, read_export, write_export
 
 
 @pytest.fixture(scope="session")
@@ -223,10 +223,10 @@ def test_missing_and_mismatched_checkpoints_are_named(run, tmp_path):
 
 def test_a_resnet12_model_round_trips_through_an_export(tmp_path):
     """Its channel widths are a list in the JSON; the backbone is rebuilt from the allow-list."""
-    from fewshot.export import build_meta_learner, make_metadata
-    from fewshot.images import Preprocessing
+    from fewshot.inference.export import build_meta_learner, make_metadata
+    from fewshot.inference.images import Preprocessing
     from fewshot.models import ResNet12
-    from fewshot.module import MetaLearner
+    from fewshot.training.module import MetaLearner
 
     torch.manual_seed(0)
     learner = MetaLearner(ResNet12(3, (4, 8, 8, 16), image_size=16), ways=3, meta_sgd=True)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fewshot.data.omniglot import Omniglot
-from fewshot.images import ImageError, Preprocessing
+from fewshot.inference.images import ImageError, Preprocessing
 
 OMNIGLOT = Preprocessing.for_dataset("omniglot", image_size=28, channels=1)
 

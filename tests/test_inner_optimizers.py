@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_maml import random_episodes, tiny_model
 from torch.func import vmap
 
-from fewshot.inner_optimizers import SGD, Adam, Momentum, clip_by_norm, make_inner_optimizer
+from fewshot.core.inner_optimizers import SGD, Adam, Momentum, clip_by_norm, make_inner_optimizer
 from fewshot.maml import InnerLoop, adapt, meta_batch_metrics
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.maml import adapt, meta_batch_metrics, resolve_batching, task_query_metrics
 from fewshot.models import Conv4, FewShotClassifier
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.maml import adapt, meta_batch_metrics
-from fewshot.mamlpp import multi_step_loss_weights, use_first_order
+from fewshot.algorithms.mamlpp import multi_step_loss_weights, use_first_order
 from fewshot.models import Conv4, TransductiveBatchNorm2d
-from fewshot.models.inner_step import inner_step
+from fewshot.core.step_context import inner_step
 from fewshot.models.per_step_batch_norm import PerStepBatchNorm2d
-from fewshot.module import MetaLearner
+from fewshot.training.module import MetaLearner
 
 ALL_ON = dict(multi_step_loss=True, multi_step_loss_epochs=3, derivative_order_annealing=True,
               first_order_epochs=2, learn_inner_lr=True, per_step_bn_weights=True,

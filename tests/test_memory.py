@@ -9,11 +9,11 @@ from test_maml import random_episodes, relative_error, tiny_model
 
 import fewshot.maml
 import fewshot.memory
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.maml import meta_batch_metrics
-from fewshot.memory import CPU_MARGIN, chunk_size_for_budget, measured_chunk_size
+from fewshot.execution.memory_budget import CPU_MARGIN, chunk_size_for_budget, measured_chunk_size
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
+from fewshot.training.module import MetaLearner
 
 
 def meta_gradient(model, episodes, *, lr=0.4, steps=3, first_order=False, **options):

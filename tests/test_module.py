@@ -10,9 +10,9 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fewshot.data.datamodule import FewShotDataModule
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
+from fewshot.training.module import MetaLearner
 
 
 def make_data(root, cache, **overrides) -> FewShotDataModule:

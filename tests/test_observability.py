@@ -12,11 +12,11 @@ from PIL import Image
 
 from fewshot.cli import main, translate_legacy_flags
 from fewshot.data.datamodule import FewShotDataModule
-from fewshot.loggers import RunLogger
+from fewshot.training.loggers import RunLogger
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
-from fewshot.observability import MetaGradientMonitor, log_magnitude_histogram
-from fewshot.report import write_report
+from fewshot.training.module import MetaLearner
+from fewshot.training.observability import MetaGradientMonitor, log_magnitude_histogram
+from fewshot.training.report import write_report
 
 
 class GradientRecorder(Callback):
@@ -129,8 +129,8 @@ def test_original_project_flags_for_observability():
 
 def test_nonfinite_gradients_are_left_out_of_histograms_instead_of_crashing(tmp_path):
     """A step that nonfinite=skip will skip still reaches the histogram callbacks first."""
-    from fewshot.loggers import log_histogram
-    from fewshot.observability import log_magnitude_histogram
+    from fewshot.training.loggers import log_histogram
+    from fewshot.training.observability import log_magnitude_histogram
 
     values = torch.tensor([float("nan"), float("inf"), 1.0, 0.01])
     assert sum(log_magnitude_histogram(values)) == 2

@@ -18,11 +18,11 @@ from torch import nn
 import fewshot
 import fewshot.cli
 from fewshot.data.omniglot import Omniglot
-from fewshot.export import ModelFiles, make_metadata
-from fewshot.images import ImageError, Preprocessing
+from fewshot.inference.export import ModelFiles, make_metadata
+from fewshot.inference.images import ImageError, Preprocessing
 from fewshot.models import Conv4
-from fewshot.module import MetaLearner
-from fewshot.predictor import Learner
+from fewshot.training.module import MetaLearner
+from fewshot.inference.learner import Learner
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,13 @@ import torch
 from test_maml import random_episodes
 
 import fewshot.models.resnet12
-from fewshot.cli import build_cli, main
-from fewshot.episode import Episodes
+from fewshot.training.cli import build_cli, main
+from fewshot.core.episode import Episodes
 from fewshot.maml import meta_batch_metrics
-from fewshot.mamlpp import use_per_step_batch_norm
+from fewshot.algorithms.mamlpp import use_per_step_batch_norm
 from fewshot.models import FewShotClassifier, ResNet12, TransductiveBatchNorm2d
 from fewshot.models.per_step_batch_norm import PerStepBatchNorm2d
-from fewshot.module import MetaLearner
+from fewshot.training.module import MetaLearner
 
 TINY = (4, 8, 8, 16)
 

@@ -11,9 +11,9 @@ from test_maml import random_episodes, relative_error, tiny_model
 from test_mamlpp import ALL_ON, episodes, learner, meta_gradient
 
 import fewshot.maml
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 from fewshot.maml import meta_batch_metrics
-from fewshot.task_threads import run_tasks_on_threads, tasks_on_threads_supported
+from fewshot.execution.threads import run_tasks_on_threads, tasks_on_threads_supported
 
 
 @pytest.fixture(autouse=True)

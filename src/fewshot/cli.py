@@ -1,54 +1,15 @@
-"""The ``fewshot`` command line: LightningCLI over :class:`MetaLearner` and the data module.
+"""The ``fewshot`` command: hands each subcommand to its layer.
 
-    fewshot fit -c configs/omniglot_5way_1shot_cpu.yaml
-    fewshot test -c configs/omniglot_5way_1shot_cpu.yaml --ckpt_path runs/.../best.ckpt
-    fewshot fit -c configs/omniglot_5way_1shot_cpu.yaml --ckpt_path last   # resume a killed run
+``fit``, ``validate`` and ``test`` go to the training shell (LightningCLI,
+:mod:`fewshot.training.cli`); ``adapt`` and ``export`` use a trained model and never import
+Lightning (:mod:`fewshot.inference.cli`); ``report`` draws a run's figures.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-
-import yaml
-from jsonargparse import Namespace
-from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from fewshot.checkpoint_io import ResumableModelCheckpoint, find_last_checkpoint
-from fewshot.checkpoints import describe_load_error
-from fewshot.data.datamodule import FewShotDataModule
-from fewshot.data.download import DatasetNotFoundError, IntegrityError
-from fewshot.module import MetaLearner
-from fewshot.observability import MetaGradientMonitor
-
-# The original project's flags, accepted and translated to their fewshot options.
-LEGACY_FLAGS = {
-    "--episode_classes": "--data.ways",
-    "--support_samples": "--data.shots",
-    "--query_samples": "--data.queries",
-    "--batch_size": "--data.meta_batch_size",
-    "--inner_loop_steps": "--model.inner_steps",
-    "--track_grad_norm": "--grad_monitor.norm_type",
-}
-# Flags of the original project that took no value.
-LEGACY_SWITCHES = {
-    "--wandb": "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
-}
-
-TRAINER_DEFAULTS = {
-    # Evaluation adapts with gradients; inference mode would forbid them.
-    "inference_mode": False,
-    "default_root_dir": "runs",
-    # Under DDP the data module gives each process its share of every meta-batch itself.
-    "use_distributed_sampler": False,
-}
-
 
 OVERVIEW = """usage: fewshot SUBCOMMAND [options]
 
@@ -69,187 +30,44 @@ looking at a run:
 fewshot SUBCOMMAND --help lists every option of a subcommand."""
 
 
-def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
-    """``--episode_classes=20`` -> ``--data.ways=20`` (and the other original-project flags)."""
-    translated = []
-    for argument in argv:
-        if argument in LEGACY_SWITCHES:
-            translated.append(LEGACY_SWITCHES[argument])
-            continue
-        flag, separator, value = argument.partition("=")
-        if flag == "--accelerator" and value.startswith("ddp"):  # Lightning 1.x spelling
-            flag = "--trainer.strategy"
-        translated.append(LEGACY_FLAGS.get(flag, flag) + separator + value)
-    return translated
-
-
-class FewShotCLI(LightningCLI):
-    def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str] | None) -> None:
-        # main() hands the command line over itself, after translating the original project's
-        # flags; Lightning's warning about arguments given twice would end every command.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            super().parse_arguments(parser, args)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Settings given once: the data decides, the model follows.
-        parser.link_arguments("data.ways", "model.ways")
-        parser.link_arguments("data.image_size", "model.backbone.init_args.image_size")
-        parser.link_arguments("data.channels", "model.backbone.init_args.in_channels")
-        parser.set_defaults({"model.backbone": {"class_path": "fewshot.models.Conv4"}})
-        # CSV and TensorBoard in one run folder, no setup needed (fewshot.loggers).
-        parser.set_defaults({"trainer.logger": {
-            "class_path": "fewshot.loggers.RunLogger", "init_args": {"save_dir": "runs"}}})
-        # The original project's --track_grad_norm, and gradient histograms (fewshot.observability).
-        parser.add_lightning_class_args(MetaGradientMonitor, "grad_monitor")
-        # Keep the best checkpoint by validation accuracy, and the last one for resuming.
-        parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.filename": "best-{step}",
-                             "checkpoint.auto_insert_metric_name": False})
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=False,
-            help="After fit, run the test episodes with the best checkpoint and print the accuracy.",
-        )
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of --ckpt_path before anything else: a damaged
-        # or refused file is a user error naming it, not a traceback from torch.load.
-        try:
-            super()._parse_ckpt_path()
-        except Exception as error:
-            path = Path(self.config[self.config.subcommand].get("ckpt_path"))
-            raise describe_load_error(path, error) from error
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.get("trainer", {})
-        # Checkpoints are written atomically (fewshot.checkpoint_io), unless the user chose
-        # another CheckpointIO plugin.
-        plugins = trainer.get("plugins")
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
-        if not any(_is_checkpoint_io(plugin) for plugin in plugins):
-            trainer["plugins"] = [*plugins, Namespace(
-                class_path="fewshot.checkpoint_io.AtomicCheckpointIO", init_args=Namespace())]
-        # A Rich progress bar on a terminal; Lightning's plain one elsewhere (logs, CI), none
-        # with --trainer.enable_progress_bar false.
-        if trainer.get("enable_progress_bar", True) is not False and sys.stdout.isatty():
-            callbacks = list(trainer.get("callbacks") or [])
-            if not any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks):
-                trainer["callbacks"] = [*callbacks, Namespace(
-                    class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace())]
-
-    def _resume_from_the_last_run(self) -> None:
-        # --ckpt_path last: the last checkpoint of the previous runs, not of this new one.
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last":
-            found = find_last_checkpoint(self.trainer, self.model, self.datamodule)
-            if found is not None:
-                config["ckpt_path"] = str(found)
-            elif self.subcommand != "fit":  # fit starts afresh; evaluating random weights is wrong
-                looked = getattr(self.trainer.logger, "root_dir", self.trainer.default_root_dir)
-                raise FileNotFoundError(f"--ckpt_path last: no run with these settings in {looked} "
-                                        "has a last.ckpt; pass the path of a checkpoint")
-
-    before_fit = before_validate = before_test = _resume_from_the_last_run
-
-    def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit"):
-            has_best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
-            self.trainer.test(self.model, datamodule=self.datamodule,
-                              ckpt_path="best" if has_best else None)
-
-
-def _is_checkpoint_io(plugin: object) -> bool:
-    if isinstance(plugin, CheckpointIO):
-        return True
-    class_path = getattr(plugin, "class_path", None)
-    if not isinstance(class_path, str):
-        return False  # e.g. "bf16-mixed": a precision plugin named by a string
-    module, _, name = class_path.rpartition(".")
-    plugin_class = getattr(importlib.import_module(module), name, None) if module else None
-    return isinstance(plugin_class, type) and issubclass(plugin_class, CheckpointIO)
-
-
-def check_config_files(argv: Sequence[str]) -> None:
-    """Name the ``-c``/``--config`` file that is not YAML or not a mapping of options (the
-    parser's own message gives a line number but not the file)."""
-    for flag, value in zip(argv, [*argv[1:], None], strict=True):
-        if flag.startswith("--config="):
-            flag, value = "--config", flag.partition("=")[2]
-        if flag not in ("-c", "--config") or value is None or not Path(value).is_file():
-            continue
-        try:
-            with open(value) as file:
-                config = yaml.safe_load(file)  # a syntax error names the file
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise ValueError(f"config file {value} is not readable YAML: {error}") from error
-        if config is not None and not isinstance(config, dict):
-            raise ValueError(f"config file {value} must be a mapping of options (such as "
-                             f"'trainer:', 'model:', 'data:'), not a {type(config).__name__}")
-
-
-def _raised_by_jsonargparse(error: BaseException) -> bool:
-    traceback = error.__traceback__
-    while traceback is not None and traceback.tb_next is not None:
-        traceback = traceback.tb_next
-    return traceback is not None and str(
-        traceback.tb_frame.f_globals.get("__name__", "")).startswith("jsonargparse")
-
-
-def user_error(error: BaseException) -> BaseException:
-    """The error to show: jsonargparse wraps one raised while building a class (e.g. Conv4's
-    own ``ValueError``) in a list of every type it tried; the original says what is wrong."""
-    while _raised_by_jsonargparse(error) and isinstance(error.__cause__, ValueError):
-        error = error.__cause__
-    return error
-
-
-def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FewShotCLI:
-    return FewShotCLI(
-        MetaLearner,
-        FewShotDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=translate_legacy_flags(sys.argv[1:] if args is None else args),
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
-    )
+def _exit_on_user_error(run, user_errors: tuple[type[BaseException], ...], describe=str) -> None:
+    """Run ``run()``; a user error ends with one line on stderr and exit code 2
+    (``FEWSHOT_DEBUG=1`` shows the traceback instead)."""
+    try:
+        run()
+    except user_errors as error:
+        if os.environ.get("FEWSHOT_DEBUG"):
+            raise
+        print(f"fewshot: error: {describe(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``fewshot`` console script.
 
-    ``fit``, ``validate`` and ``test`` go to LightningCLI; ``adapt`` and ``export`` (use a
-    trained model) to :mod:`fewshot.adapt_cli`. User errors (missing data or checkpoint,
-    impossible task sizes, bad images or values, Trainer settings Lightning refuses) end with
-    one message on stderr and exit code 2;
-    set ``FEWSHOT_DEBUG=1`` to see the traceback instead.
+    ``fit``, ``validate`` and ``test`` go to LightningCLI (:mod:`fewshot.training.cli`);
+    ``adapt`` and ``export`` (use a trained model, no Lightning) to :mod:`fewshot.inference.cli`.
+    User errors (missing data or checkpoint, impossible task sizes, bad images or values,
+    Trainer settings Lightning refuses) end with one message on stderr and exit code 2; set
+    ``FEWSHOT_DEBUG=1`` to see the traceback instead.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return
-    try:
-        if argv and argv[0] == "report":
-            from fewshot.report import main as report_main
+    if argv[0] == "report":
+        from fewshot.training.report import main as report_main
 
-            report_main(argv[1:])
-            return
-        if argv and argv[0] in ("adapt", "export"):
-            # Using a trained model needs no Trainer: plain argparse (fewshot.adapt_cli).
-            from fewshot.adapt_cli import main as adapt_main
+        _exit_on_user_error(lambda: report_main(argv[1:]), (ValueError, FileNotFoundError))
+    elif argv[0] in ("adapt", "export"):
+        # Using a trained model needs no Trainer: plain argparse, no Lightning.
+        from fewshot.inference.cli import main as inference_main
 
-            adapt_main(argv)
-            return
-        check_config_files(argv)
-        build_cli(args)
-    except (DatasetNotFoundError, IntegrityError, ValueError, FileNotFoundError,
-            MisconfigurationException) as error:
-        if os.environ.get("FEWSHOT_DEBUG"):
-            raise
-        print(f"fewshot: error: {user_error(error)}", file=sys.stderr)
-        sys.exit(2)
+        _exit_on_user_error(lambda: inference_main(argv), (ValueError, FileNotFoundError))
+    else:
+        from fewshot.training.cli import USER_ERRORS, run, user_error
+
+        _exit_on_user_error(lambda: run(argv), USER_ERRORS, user_error)
 
 
 if __name__ == "__main__":

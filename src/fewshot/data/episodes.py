@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from fewshot.episode import Episodes
+from fewshot.core.episode import Episodes
 
 # Distinct random streams, so training and evaluation never share tasks by accident of seeds.
 TRAIN_STREAM, VALIDATION_STREAM, TEST_STREAM = 0, 1, 2

@@ -1,7 +1,16 @@
-"""Backbones for few-shot classification: a feature extractor plus the N-way head."""
+"""Backbones for few-shot classification: feature extractors plus the N-way head."""
 
 from fewshot.models.batch_norm import TransductiveBatchNorm2d
-from fewshot.models.conv4 import Conv4, FewShotClassifier
+from fewshot.models.classifier import FewShotClassifier
+from fewshot.models.conv4 import Conv4
+from fewshot.models.registry import (
+    BACKBONES,
+    BackboneError,
+    backbone_settings,
+    build_backbone,
+    register_backbone,
+)
 from fewshot.models.resnet12 import ResNet12
 
-__all__ = ["Conv4", "FewShotClassifier", "ResNet12", "TransductiveBatchNorm2d"]
+__all__ = ["BACKBONES", "BackboneError", "Conv4", "FewShotClassifier", "ResNet12",
+           "TransductiveBatchNorm2d", "backbone_settings", "build_backbone", "register_backbone"]

@@ -33,31 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # private, but the only way to see a vmap level from inside grad(vmap(...)) or vmap(grad(...))
-    from torch._functorch.pyfunctorch import TransformType as _TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-except ImportError:  # pragma: no cover - an older or newer torch: always take the exact path
-    retrieve_all_functorch_interpreters = None
-
-
-def inside_vmap() -> bool:
-    """Whether any ``torch.func.vmap`` is active around the current call (at any depth).
-
-    A tensor's own ``is_batchedtensor`` is not enough: under ``vmap(grad(f))`` the tensor ``f``
-    sees is a gradient wrapper around the batched one. When the check is unavailable, the
-    answer is ``True``, which selects the exact path everywhere.
-    """
-    if retrieve_all_functorch_interpreters is None:
-        return True
-    return any(i.key() == _TransformType.Vmap for i in retrieve_all_functorch_interpreters())
-
-
-def inside_functorch_transform() -> bool:
-    """Whether any ``torch.func`` transform (vmap, grad, vjp, jvp, ...) is active; ``True``
-    when that cannot be told, which selects paths that work under every transform."""
-    if retrieve_all_functorch_interpreters is None:
-        return True
-    return bool(retrieve_all_functorch_interpreters())
+from fewshot.core.transforms import inside_functorch_transform, inside_vmap
 
 
 def _per_channel(t: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""The four-block convolutional network of MAML (Finn et al., 2017) and its N-way head."""
+"""The four-block convolutional network of MAML (Finn et al., 2017)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ class Conv4(nn.Module):
                 f"Conv4 needs positive sizes, got in_channels={in_channels}, "
                 f"hidden_channels={hidden_channels}, image_size={image_size}"
             )
+        # Kept so the backbone can be described and rebuilt (fewshot.models.registry).
+        self.in_channels, self.hidden_channels, self.image_size = in_channels, hidden_channels, image_size
+        self.norm_layer = norm_layer
         blocks = []
         channels, side = in_channels, image_size
         for _ in range(4):
@@ -72,29 +75,3 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x: [batch, in_channels, image_size, image_size] -> [batch, out_features]``."""
         return self.blocks(x)
-
-
-class FewShotClassifier(nn.Module):
-    """A feature extractor followed by a linear N-way head: the network MAML adapts.
-
-    Args:
-        features: any module with an ``out_features`` attribute mapping images to vectors.
-        ways: number of classes per task (the head's outputs).
-    """
-
-    def __init__(self, features: nn.Module, ways: int) -> None:
-        super().__init__()
-        if ways < 2:
-            raise ValueError(f"a few-shot task needs at least 2 ways, got ways={ways}")
-        self.features = features
-        self.head = nn.Linear(features.out_features, ways)
-        nn.init.xavier_uniform_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x: [batch, C, H, W] -> logits [batch, ways]``."""
-        return self.head(self.features(x))
-
-    def head_parameter_names(self) -> frozenset[str]:
-        """Names (as in ``named_parameters``) of the head's parameters: what ANIL adapts."""
-        return frozenset(f"head.{name}" for name, _ in self.head.named_parameters())

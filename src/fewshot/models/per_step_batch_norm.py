@@ -3,7 +3,7 @@
 One set of affine parameters (BNWB) and/or running statistics (BNRS) for every inner step:
 the network after ``k`` inner updates normalises differently from the one after ``k + 1``.
 Slot ``k`` serves forward passes with parameters after ``k`` updates (``k = 0..steps``), read
-from :func:`~fewshot.models.inner_step.current_inner_step`. Evaluating with more inner steps
+from :func:`~fewshot.core.step_context.current_inner_step`. Evaluating with more inner steps
 than were trained reuses the last slot for the extra steps; with fewer, the later slots are
 simply unused.
 
@@ -12,7 +12,7 @@ Two modes:
 - ``transductive``: normalise with the batch's own statistics, always (as MAML). Running
   statistics are not kept.
 - ``per_step_running``: in training mode, normalise with the batch statistics and record them
-  (returned by value, see :mod:`fewshot.models.inner_step`) so the LightningModule can update
+  (returned by value, see :mod:`fewshot.core.step_context`) so the LightningModule can update
   the per-step running averages; in eval mode, predictions normalise with the running
   statistics of their slot, so a query image's prediction depends on nothing but the image and
   the adapted weights (non-transductive). The inner loop's passes over the support set keep
@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fewshot.core.step_context import adapting_on_support, current_inner_step, record_statistic
 from fewshot.models.batch_norm import batch_norm_with_batch_statistics
-from fewshot.models.inner_step import adapting_on_support, current_inner_step, record_statistic
 
 BatchNormMode = Literal["transductive", "per_step_running"]
 

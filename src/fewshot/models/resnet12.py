@@ -112,6 +112,9 @@ class ResNet12(nn.Module):
         side = image_size // 16
         if side < 1:
             raise ValueError(f"image_size={image_size} is too small for 4 max-pools (need >= 16)")
+        # Kept so the backbone can be described and rebuilt (fewshot.models.registry).
+        self.in_channels, self.channels, self.image_size = in_channels, channels, image_size
+        self.norm_layer = norm_layer
         widths = (in_channels, *channels)
         self.blocks = nn.Sequential(*(
             ResidualBlock(widths[i], widths[i + 1], norm_layer) for i in range(4)))

@@ -19,7 +19,7 @@ of its own that shares the parameter and buffer tensors (:func:`shallow_module_c
 Thread-local settings do not follow a computation into a worker, so the caller must not need
 them there: :func:`tasks_on_threads_supported` is false under ``torch.func`` transforms,
 autocast, function and dispatch modes and saved-tensor hooks, which then use the loop. Context
-variables (the inner-step context of :mod:`fewshot.models.inner_step`) are copied into the
+variables (the inner-step context of :mod:`fewshot.core.step_context`) are copied into the
 workers. The meta-gradient is computed once: differentiating it again (``create_graph=True``)
 or a second backward pass through the same meta-batch is refused by name (the loop does both).
 """
@@ -38,7 +38,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from fewshot.models.batch_norm import inside_functorch_transform
+from fewshot.algorithms.base import TaskFunction
+from fewshot.core.episode import Episodes
+from fewshot.core.inner_loop import TaskResult
+from fewshot.core.transforms import inside_functorch_transform
+from fewshot.execution.base import Differentiable, Executor, inputs_need_gradients
+from fewshot.execution.loop import Loop
 
 # ``(model, differentiable, task) -> result``: a pytree of tensors whose first leaf (the
 # losses) is the only one differentiated.
@@ -231,3 +236,35 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
     else:
         outputs, _ = run(inputs)
     return pytree.tree_unflatten(list(outputs), output_spec[0])
+
+
+class Threads(Executor):
+    """Spread the tasks over CPU worker threads, one intra-op thread each (see the module
+    docstring). Gives way to the loop where it cannot run or would leave cores idle: off the
+    CPU, fewer tasks than threads, per-thread state around the call (``torch.func``
+    transforms, autocast, dispatch modes, saved-tensor hooks), inside a recomputation, or
+    where gradients must reach images or parameters outside the parameter dict.
+
+    Args:
+        workers: threads to use (default: one per intra-op thread, ``torch.get_num_threads()``).
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                    or workers < 1):
+            raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        self.workers = workers
+
+    def can_run(self, model: nn.Module, differentiable: Differentiable, episodes: Episodes,
+                recomputing: bool = False) -> bool:
+        return (not recomputing and not inputs_need_gradients(model, differentiable, episodes)
+                and tasks_on_threads_supported(episodes.support_x.device, episodes.num_tasks))
+
+    def run(self, task: TaskFunction, model: nn.Module, differentiable: Differentiable,
+            episodes: Episodes, recomputing: bool = False) -> TaskResult:
+        if not self.can_run(model, differentiable, episodes, recomputing):
+            return Loop().run(task, model, differentiable, episodes, recomputing)
+        return run_tasks_on_threads(task, model, differentiable, episodes, self.workers)
+
+    def describe(self, device: torch.device, images_per_task: int) -> str:
+        return "threads" if device.type == "cpu" and default_workers() > 1 else "loop"

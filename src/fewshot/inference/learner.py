@@ -7,11 +7,12 @@
 
 (The README has the runnable version, executed by tests/test_predictor.py.)
 
-Adaptation is the model's own evaluation inner loop (:meth:`MetaLearner.adapt`: the trained
+Adaptation is the model's own evaluation inner loop (its algorithm's ``adapt``: the trained
 number of steps and learning rate unless overridden), so whatever the model learned to do at
 adaptation time, it does here. Any number of classes N and any number of images per class work:
 when N differs from the N the head was trained for, the head is replaced by a zero-initialised
-one (:func:`fewshot.export.build_meta_learner`).
+one (:func:`fewshot.inference.export.build_model`). Nothing here imports Lightning or the
+training shell.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fewshot.checkpoints import read_model
-from fewshot.export import CheckpointError, ModelFiles, build_meta_learner, write_export
-from fewshot.images import ImageError, ImageInput, Preprocessing
-from fewshot.module import MetaLearner
+from fewshot.algorithms import Adapted
+from fewshot.inference.checkpoints import read_model
+from fewshot.inference.export import (
+    AdaptableModel,
+    CheckpointError,
+    ModelFiles,
+    build_model,
+    write_export,
+)
+from fewshot.inference.images import ImageError, ImageInput, Preprocessing
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Learner:
@@ -85,8 +92,8 @@ class Predictor:
     for learned per-step rates), ``head_reset`` whether the head started from zeros.
     """
 
-    model: MetaLearner
-    params: dict[str, Tensor]
+    model: AdaptableModel
+    adapted: Adapted
     classes: list[Hashable]
     support_x: Tensor
     preprocessing: Preprocessing
@@ -110,7 +117,7 @@ class Predictor:
         x, names = self.preprocessing.prepare(images)
         x = x.to(self.support_x.device)
         if not self.batch_dependent:
-            logits = self.model.predict_logits(self.params, x, steps_taken=self.steps)
+            logits = self.model.predict_logits(self.adapted, x)
             batching = "running statistics: every image is predicted independently"
         elif one_at_a_time:
             # A plain loop: on CPU it beat vmap over chunks of images (1.0 s vs 1.1-2.8 s for
@@ -120,7 +127,7 @@ class Predictor:
                         f"with the {len(self.support_x)} support images, independently of the "
                         "other images")
         else:
-            logits = self.model.predict_logits(self.params, x, steps_taken=self.steps)
+            logits = self.model.predict_logits(self.adapted, x)
             batching = (f"transductive: the {len(x)} image(s) were normalised together as one "
                         "batch, so each prediction depends on the others (one-at-a-time "
                         "prediction avoids this)")
@@ -130,7 +137,7 @@ class Predictor:
     def _with_support(self, image: Tensor) -> Tensor:
         """Logits ``[N]`` of one image normalised in a batch with the support images."""
         batch = torch.cat([self.support_x, image[None]])
-        return self.model.predict_logits(self.params, batch, steps_taken=self.steps)[-1]
+        return self.model.predict_logits(self.adapted, batch)[-1]
 
 
 class Learner:
@@ -149,29 +156,30 @@ class Learner:
         except ValueError as error:
             raise CheckpointError(f"{model.source}: {error}") from error
         self.device = torch.device(device)
-        self._models: dict[tuple[int, bool], MetaLearner] = {}
+        self._models: dict[tuple[int, bool], AdaptableModel] = {}
         trained = self._meta_learner(self.ways, reset_head=False)  # checks the weights now
         self.batch_dependent = _predictions_depend_on_batch(trained, self.preprocessing)
 
     @property
     def ways(self) -> int:
         """N of the trained head."""
-        return int(self.metadata["hyper_parameters"].get("ways", 5))
+        return int(self.metadata["ways"])
 
     @property
     def steps(self) -> int:
         """Adaptation steps by default (the model's evaluation inner loop)."""
-        return self._meta_learner(self.ways, False).eval_inner_steps
+        return self._meta_learner(self.ways, False).algorithm.evaluation_steps
 
     @property
     def lr(self) -> float | None:
         """Adaptation learning rate by default; None where the model learned its rates
         (MAML++ LSLR: one per parameter tensor and step; Meta-SGD: one per entry; part of
         the weights)."""
-        hyper_parameters = self.metadata["hyper_parameters"]
-        if hyper_parameters.get("learn_inner_lr") or hyper_parameters.get("meta_sgd"):
+        algorithm = self._meta_learner(self.ways, False).algorithm
+        if getattr(algorithm, "learned_rates", "none") != "none":
             return None
-        return self._meta_learner(self.ways, False).eval_inner_lr
+        eval_lr = getattr(algorithm, "eval_inner_lr", None)
+        return eval_lr if eval_lr is not None else getattr(algorithm, "inner_lr", None)
 
     def adapt(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[Hashable],
               steps: int | None = None, lr: float | None = None,
@@ -206,32 +214,33 @@ class Learner:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        uses_head = self._meta_learner(self.ways, False).algorithm.uses_head
         if reset_head is None:
-            reset_head = len(classes) != self.ways
+            reset_head = uses_head and len(classes) != self.ways
         steps = self.steps if steps is None else steps
         lr = self.lr if lr is None else lr
         if reset_head and steps == 0:
             raise ValueError("a zero-initialised head predicts nothing without adaptation; "
                              "use steps >= 1")
-        model = self._meta_learner(len(classes), reset_head)
+        model = self._meta_learner(len(classes) if uses_head else self.ways, reset_head)
         y = torch.tensor([classes.index(label) for label in labels], device=self.device)
         support_x = x.to(self.device)
-        params = model.adapt(support_x, y, steps=steps, lr=lr)
-        return Predictor(model, params, classes, support_x, self.preprocessing,
+        adapted = model.adapt(support_x, y, steps=steps, lr=lr)
+        return Predictor(model, adapted, classes, support_x, self.preprocessing,
                          self.batch_dependent, steps, lr, reset_head)
 
     def save(self, directory: str | Path) -> Path:
         """Write this model as an export folder (safetensors + JSON) that :func:`load` reads."""
         return write_export(self.model_files, directory)
 
-    def _meta_learner(self, ways: int, reset_head: bool) -> MetaLearner:
+    def _meta_learner(self, ways: int, reset_head: bool) -> AdaptableModel:
         key = (ways, reset_head)
         if key not in self._models:
-            self._models[key] = build_meta_learner(self.model_files, ways, reset_head).to(self.device)
+            self._models[key] = build_model(self.model_files, ways, reset_head).to(self.device)
         return self._models[key]
 
 
-def _predictions_depend_on_batch(model: MetaLearner, preprocessing: Preprocessing) -> bool:
+def _predictions_depend_on_batch(model: AdaptableModel, preprocessing: Preprocessing) -> bool:
     """Whether the model normalises with batch statistics, found by trying it.
 
     Asking the model rather than listing layer types keeps this right for any normalisation a
@@ -239,7 +248,10 @@ def _predictions_depend_on_batch(model: MetaLearner, preprocessing: Preprocessin
     """
     side, generator = preprocessing.image_size, torch.Generator().manual_seed(0)
     x = torch.rand(2, preprocessing.channels, side, side, generator=generator).to(model.device)
-    params = dict(model.network.named_parameters())
-    together = model.predict_logits(params, x)
-    alone = torch.cat([model.predict_logits(params, x[:1]), model.predict_logits(params, x[1:])])
+    unadapted = Adapted(dict(model.network.named_parameters()), model.algorithm.evaluation_steps)
+    if not model.algorithm.uses_head:  # prototypes: adapt to the two images as two classes
+        labels = torch.arange(2, device=x.device)
+        unadapted = model.adapt(x, labels)
+    together = model.predict_logits(unadapted, x)
+    alone = torch.cat([model.predict_logits(unadapted, x[:1]), model.predict_logits(unadapted, x[1:])])
     return not torch.allclose(together, alone, rtol=1e-4, atol=1e-5)

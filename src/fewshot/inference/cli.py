@@ -20,8 +20,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fewshot.images import IMAGE_SUFFIXES, ImageError
-from fewshot.predictor import Predictions, load
+from fewshot.inference.images import IMAGE_SUFFIXES, ImageError
+from fewshot.inference.learner import Predictions, load
 
 SUPPORT_LAYOUT = "DIR/<class name>/<images>, one folder per class"
 
@@ -110,7 +110,8 @@ def _print(report: dict[str, Any], predictions: Predictions, top_k: int) -> None
             f"a zero-initialised {len(report['classes'])}-way head (trained for {report['trained_ways']})")
     console.print(f"Model: {report['checkpoint']}, adapting {head}")
     console.print(f"Support: {len(report['classes'])} classes, {sum(report['support'].values())} images: {counts}")
-    rate = "learned per step and layer" if report["lr"] is None else f"{report['lr']:g}"
+    rate = ("none (no inner loop)" if report["steps"] == 0 else
+            "learned per step" if report["lr"] is None else f"{report['lr']:g}")
     console.print(f"Adaptation: {report['steps']} step(s), learning rate {rate}")
     console.print(f"Batch norm: {report['batching']}")
     table = Table("image", "prediction", "probability", f"top {top_k}")

@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from fewshot.export import (
+from fewshot.inference.export import (
     METADATA_FILE,
     WEIGHTS_FILE,
     CheckpointError,
@@ -25,7 +25,8 @@ from fewshot.export import (
     make_metadata,
     read_export,
 )
-from fewshot.images import Preprocessing
+from fewshot.inference.format1 import upgrade_format1
+from fewshot.inference.images import Preprocessing
 
 CONV4_WEIGHTS = [f"network.features.blocks.{index}.weight" for index in (0, 4, 8, 12)]
 
@@ -90,8 +91,11 @@ def read_lightning_checkpoint(path: Path) -> ModelFiles:
             f"{path} does not say how its training images were prepared (no data-module "
             "settings in it, and no config.yaml next to it): export it from the run that made it"
         )
+    recorded = hyper_parameters.get("backbone")
     backbone_spec = (config.get("model") or {}).get("backbone")
-    if backbone_spec is not None:
+    if isinstance(recorded, dict):  # checkpoints since the algorithms became objects
+        backbone = recorded
+    elif backbone_spec is not None:
         backbone = _backbone_from_config(backbone_spec, data, config_path)
     else:
         backbone = _infer_conv4(state_dict, data, path)
@@ -102,8 +106,23 @@ def read_lightning_checkpoint(path: Path) -> ModelFiles:
         raise CheckpointError(f"{path}: {error}") from error
     source = {"checkpoint": path.name, "global_step": checkpoint.get("global_step"),
               "dataset": data.get("dataset"), "class_split": data.get("class_split")}
-    metadata = make_metadata(backbone, hyper_parameters, preprocessing, source)
-    return ModelFiles(metadata, dict(state_dict), path)
+    state_dict = dict(state_dict)
+    if "algorithm" in hyper_parameters:
+        metadata = make_metadata(backbone, hyper_parameters.get("ways", 5),
+                                 hyper_parameters["algorithm"],
+                                 hyper_parameters.get("inner_optimizer") or {"class_path": "fewshot.core.inner_optimizers.sgd.SGD"},
+                                 preprocessing, source)
+    else:  # a checkpoint of the MetaLearner with flags (before the algorithms were objects)
+        try:
+            metadata, state_dict = upgrade_format1(
+                {"backbone": backbone, "hyper_parameters": hyper_parameters,
+                 "preprocessing": preprocessing.to_dict(), "source": source}, state_dict)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+        metadata = {**make_metadata(metadata["backbone"], metadata["ways"], metadata["algorithm"],
+                                    metadata["inner_optimizer"], preprocessing, source),
+                    "upgraded_from_format": 1}
+    return ModelFiles(metadata, state_dict, path)
 
 
 def _load_weights_only(path: Path) -> Any:

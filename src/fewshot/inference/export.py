@@ -2,61 +2,53 @@
 
 An export is a folder of two files, so sharing a model shares no pickle::
 
-    model.safetensors   every tensor of the MetaLearner's state_dict (network weights and any
-                        learned extras, such as per-step inner learning rates)
-    fewshot.json        {"format": "fewshot-export", "format_version": 1,
-                         "backbone": {"class_path": ..., "init_args": {...}},
-                         "hyper_parameters": {ways, inner_steps, inner_lr, eval_inner_steps, ...},
+    model.safetensors   the network's weights (``network.*``) and the algorithm's own learned
+                        tensors (``algorithm.*``, such as per-step inner learning rates)
+    fewshot.json        {"format": "fewshot-export", "format_version": 2,
+                         "backbone": {"class_path": ..., "init_args": {...}}, "ways": N,
+                         "algorithm": {"class_path": ..., "init_args": {...}},
+                         "inner_optimizer": {"class_path": ..., "init_args": {...}},
                          "preprocessing": {channels, image_size, invert, mean, std, resize},
                          "weights_sha256": ..., "source": {...}}
 
-Nothing read from a file can run code: the weights are safetensors, the JSON is data, and the
-backbone's ``class_path`` must be one of the classes named in :data:`BACKBONES` (and its norm
-layer one of :data:`NORM_LAYERS`), never an arbitrary import. Newer formats bump
-``format_version``; a reader refuses versions it does not know instead of guessing.
+Nothing read from a file can run code: the weights are safetensors, the JSON is data, and every
+``class_path`` must be one of the classes registered in :data:`fewshot.models.BACKBONES`,
+:data:`fewshot.algorithms.ALGORITHMS` or :data:`fewshot.core.inner_optimizers.INNER_OPTIMIZERS`,
+never an arbitrary import. Format 1 (the MetaLearner's flags as ``hyper_parameters``, before
+the algorithms became objects) is read and upgraded (:mod:`fewshot.inference.format1`). Newer
+formats bump ``format_version``; a reader refuses versions it does not know instead of guessing.
+
+This module imports neither Lightning nor the training shell.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import tempfile
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import safetensors.torch
+import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
 import fewshot
-from fewshot.images import Preprocessing
-from fewshot.models import Conv4, ResNet12, TransductiveBatchNorm2d
-from fewshot.module import MetaLearner
+from fewshot.algorithms import Adapted, Algorithm, build_algorithm
+from fewshot.core.inner_optimizers import build_inner_optimizer
+from fewshot.inference.format1 import upgrade_format1
+from fewshot.inference.images import Preprocessing
+from fewshot.models import FewShotClassifier, build_backbone
 
 FORMAT = "fewshot-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_FILE = "fewshot.json"
 WEIGHTS_FILE = "model.safetensors"
 
-# The classes a file may name. A plain dict, so a name from an untrusted file is looked up,
-# never imported.
-BACKBONES: dict[str, type[nn.Module]] = {
-    "fewshot.models.Conv4": Conv4,
-    "fewshot.models.conv4.Conv4": Conv4,
-    "fewshot.models.ResNet12": ResNet12,
-    "fewshot.models.resnet12.ResNet12": ResNet12,
-}
-NORM_LAYERS: dict[str, type[nn.Module]] = {
-    "fewshot.models.TransductiveBatchNorm2d": TransductiveBatchNorm2d,
-    "fewshot.models.batch_norm.TransductiveBatchNorm2d": TransductiveBatchNorm2d,
-    "torch.nn.BatchNorm2d": nn.BatchNorm2d,
-    "torch.nn.modules.batchnorm.BatchNorm2d": nn.BatchNorm2d,
-}
 HEAD_PREFIX = "network.head."
-HEAD_RATES_PREFIX = "inner_lrs.head-"  # learned inner rates of the head (Meta-SGD)
+HEAD_RATES_PREFIX = "algorithm.inner_lrs.head-"  # learned inner rates of the head (Meta-SGD)
 
 
 class CheckpointError(ValueError):
@@ -72,15 +64,18 @@ class ModelFiles(NamedTuple):
 
 
 def make_metadata(
-    backbone: dict[str, Any], hyper_parameters: dict[str, Any], preprocessing: Preprocessing,
-    source: dict[str, Any],
+    backbone: dict[str, Any], ways: int, algorithm: dict[str, Any], inner_optimizer: dict[str, Any],
+    preprocessing: Preprocessing, source: dict[str, Any],
 ) -> dict[str, Any]:
+    """Format-2 metadata: every part by its settings (``{"class_path", "init_args"}``)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fewshot_version": fewshot.__version__,
         "backbone": backbone,
-        "hyper_parameters": hyper_parameters,
+        "ways": ways,
+        "algorithm": algorithm,
+        "inner_optimizer": inner_optimizer,
         "preprocessing": preprocessing.to_dict(),
         "source": source,
     }
@@ -121,6 +116,11 @@ def read_export(directory: Path) -> ModelFiles:
         state_dict = safetensors.torch.load(data)
     except (SafetensorError, ValueError) as error:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file ({error})") from error
+    if metadata["format_version"] == 1:
+        try:
+            metadata, state_dict = upgrade_format1(metadata, state_dict)
+        except ValueError as error:
+            raise CheckpointError(f"{metadata_path}: {error}") from error
     return ModelFiles(metadata, state_dict, directory)
 
 
@@ -135,15 +135,39 @@ def _check_metadata(metadata: Any, path: Path) -> None:
             f"{path} has format_version {version}, but this fewshot "
             f"({fewshot.__version__}) reads up to {FORMAT_VERSION}: upgrade fewshot"
         )
-    for key in ("backbone", "hyper_parameters", "preprocessing"):
+    parts = ("backbone", "hyper_parameters", "preprocessing") if version == 1 else (
+        "backbone", "algorithm", "inner_optimizer", "preprocessing")
+    if version > 1 and (isinstance(metadata.get("ways"), bool) or not isinstance(metadata.get("ways"), int)):
+        raise CheckpointError(f"{path}: \"ways\" must be an integer, got {metadata.get('ways')!r}")
+    for key in parts:
         if not isinstance(metadata.get(key), dict):
             raise CheckpointError(f"{path}: \"{key}\" must be an object, got {metadata.get(key)!r}")
 
 
-def build_meta_learner(
-    model: ModelFiles, ways: int | None = None, reset_head: bool = False
-) -> MetaLearner:
-    """Rebuild the :class:`MetaLearner` of ``model`` on the CPU, in evaluation mode.
+class AdaptableModel(nn.Module):
+    """A meta-trained model without the training shell: the network and the algorithm, with
+    the state-dict keys of training (``network.*``, ``algorithm.*``)."""
+
+    def __init__(self, network: FewShotClassifier, algorithm: Algorithm) -> None:
+        super().__init__()
+        self.network, self.algorithm = network, algorithm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None,
+              lr: float | None = None) -> Adapted:
+        """The model adapted to one task; see :meth:`fewshot.algorithms.Algorithm.adapt`."""
+        return self.algorithm.adapt(self.network, dict(self.network.named_parameters()),
+                                    support_x, support_y, steps, lr)
+
+    def predict_logits(self, adapted: Adapted, x: Tensor) -> Tensor:
+        return self.algorithm.predict(self.network, adapted, x)
+
+
+def build_model(model: ModelFiles, ways: int | None = None, reset_head: bool = False) -> AdaptableModel:
+    """Rebuild the model of ``model`` (format 2 metadata) on the CPU, in evaluation mode.
 
     Args:
         ways: outputs of the head (default: as trained). Another N needs ``reset_head``.
@@ -154,25 +178,22 @@ def build_meta_learner(
             no longer depends on which class landed on which output.
     """
     metadata = model.metadata
-    hyper_parameters = dict(metadata["hyper_parameters"])
-    trained_ways = hyper_parameters.get("ways")
+    trained_ways = metadata["ways"]
     if ways is not None and ways != trained_ways and not reset_head:
         raise ValueError(f"the head was trained for {trained_ways} ways; {ways} ways need "
                          "reset_head=True (a zero-initialised head)")
-    if ways is not None:
-        hyper_parameters["ways"] = ways
-    accepted = inspect.signature(MetaLearner.__init__).parameters
-    unknown = sorted(set(hyper_parameters) - set(accepted))
-    if unknown or "backbone" in hyper_parameters:
-        raise CheckpointError(f"{model.source}: MetaLearner of fewshot {fewshot.__version__} has "
-                              f"no option(s) {unknown or ['backbone']}; was it made by another version?")
     try:
-        learner = MetaLearner(backbone=build_backbone(metadata["backbone"]), **hyper_parameters)
+        backbone = build_backbone(metadata["backbone"])
+        algorithm = build_algorithm(metadata["algorithm"])
+        inner_optimizer = build_inner_optimizer(metadata["inner_optimizer"])
+        network = FewShotClassifier(backbone, ways or trained_ways)
+        algorithm.build(network, inner_optimizer)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{model.source}: cannot rebuild the model ({error})") from error
+    adaptable = AdaptableModel(network, algorithm)
     state = dict(model.state_dict)
     if reset_head:
-        for name, parameter in learner.state_dict().items():
+        for name, parameter in adaptable.state_dict().items():
             if name.startswith(HEAD_PREFIX):
                 state[name] = parameter.new_zeros(parameter.shape)
             elif name.startswith(HEAD_RATES_PREFIX) and state[name].shape != parameter.shape:
@@ -180,54 +201,11 @@ def build_meta_learner(
                 # each new class gets the trained classes' mean rate (per step and feature).
                 state[name] = state[name].mean(dim=1, keepdim=True).expand_as(parameter).clone()
     try:
-        learner.load_state_dict(state, strict=True)
+        adaptable.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{model.source}: the weights do not fit the model described by "
                               f"its settings: {_first_line(str(error), 2)}") from error
-    return learner.eval().requires_grad_(False)
-
-
-def build_backbone(spec: Any) -> nn.Module:
-    """``{"class_path": one of BACKBONES, "init_args": {...}}`` -> the backbone module."""
-    cls, init_args = _lookup(spec, BACKBONES, "backbone")
-    args = {}
-    for name, value in init_args.items():
-        if name == "norm_layer":
-            norm_cls, norm_args = _lookup(value, NORM_LAYERS, "norm_layer")
-            _check_scalars(norm_args, "norm_layer")
-            args[name] = partial(norm_cls, **norm_args) if norm_args else norm_cls
-        else:
-            _check_scalars({name: value}, "backbone")
-            args[name] = value
-    try:
-        return cls(**args)
-    except TypeError as error:
-        raise CheckpointError(f"cannot build backbone {spec.get('class_path')}: {error}") from error
-
-
-def _lookup(spec: Any, allowed: dict[str, type[nn.Module]], what: str) -> tuple[type, dict]:
-    if isinstance(spec, str):
-        spec = {"class_path": spec}
-    if not isinstance(spec, dict) or not isinstance(spec.get("init_args", {}), dict):
-        raise CheckpointError(f"{what} must be {{\"class_path\": ..., \"init_args\": {{...}}}}, got {spec!r}")
-    class_path = spec.get("class_path")
-    if class_path not in allowed:
-        raise CheckpointError(
-            f"{what} {class_path!r} is not one fewshot rebuilds from a file (it never imports a "
-            f"class a file names); known: {sorted(allowed)}"
-        )
-    return allowed[class_path], dict(spec.get("init_args") or {})
-
-
-def _check_scalars(values: dict[str, Any], what: str) -> None:
-    scalar = (bool, int, float, str, type(None))
-    for name, value in values.items():
-        # Lists of numbers (ResNet-12's channel widths) come back from JSON as lists.
-        if isinstance(value, list) and all(isinstance(v, scalar) for v in value):
-            continue
-        if not isinstance(value, scalar):
-            raise CheckpointError(f"{what} setting {name!r} must be a number, string, list of "
-                                  f"numbers or null, got {value!r}")
+    return adaptable.eval().requires_grad_(False)
 
 
 def _sha256(data: bytes) -> str:

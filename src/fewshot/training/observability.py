@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import grad_norm, rank_zero_only
 from torch import Tensor
 
-from fewshot.loggers import log_histogram
+from fewshot.training.loggers import log_histogram
 
 # Histogram bins of log10 |value|: gradients that collapse to zero slide to the left edge.
 LOG10_BINS = torch.linspace(-12.0, 2.0, 57)
@@ -61,8 +61,10 @@ class MetaGradientMonitor(Callback):
             # grad_norm names them grad_<p>_norm/<parameter> and grad_<p>_norm_total.
             norms = grad_norm(pl_module, norm_type=self.norm_type)
             pl_module.log_dict({f"meta_grad/{k}": v for k, v in norms.items()})
-        rates = getattr(pl_module, "inner_lrs", None)
-        if rates is not None and step % self.log_every == 0:
+        # The algorithm's learned inner rates (LSLR, Meta-SGD), by parameter name.
+        algorithm = getattr(pl_module, "algorithm", None)
+        rates = algorithm.meta_parameters(detach=True) if algorithm is not None else {}
+        if rates and step % self.log_every == 0:
             # LSLR has one rate per tensor and step; Meta-SGD one per entry, logged as the
             # step's mean over the tensor's entries.
             pl_module.log_dict({f"inner_lr/{name}/step_{k}": value

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fewshot.checkpoints import describe_load_error
+from fewshot.inference.checkpoints import describe_load_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

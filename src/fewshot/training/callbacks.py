@@ -1,0 +1,100 @@
+"""What a run does around the meta-steps: the non-finite policy, throughput, results files.
+
+Each is a Lightning callback the ``fewshot`` CLI adds by default (``--nonfinite.policy``), so
+the LightningModule stays about the meta-step alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from fewshot.core.evaluation import format_test_result
+
+
+class NonFinitePolicy(Callback):
+    """What a NaN or Inf in the meta-loss or meta-gradient does.
+
+    Args:
+        policy: ``stop`` the run with an error naming the meta-iteration (no checkpoint is
+            written after it), or ``skip`` that meta-step with a warning (the weights and the
+            optimizer state stay as they were; every process skips it, since the gradients
+            are all-reduced before this check).
+    """
+
+    def __init__(self, policy: Literal["stop", "skip"] = "stop") -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"nonfinite policy must be 'stop' or 'skip', got {policy!r}")
+        self.policy = policy
+        self.skipped_steps = 0
+        self._bad_loss: float | None = None
+
+    def _nonfinite(self, pl_module: LightningModule, what: str, step: int) -> None:
+        message = f"non-finite {what} at meta-iteration {step}"
+        if self.policy == "stop":
+            raise FloatingPointError(message + " (set --nonfinite.policy skip to skip such steps)")
+        rank_zero_warn(message + ": meta-step skipped")
+        self.skipped_steps += 1
+        pl_module.log("train/skipped_steps", float(self.skipped_steps))
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule,
+                           loss: torch.Tensor) -> None:
+        self._bad_loss = None if torch.isfinite(loss).all() else float(loss.detach().float().sum())
+        if self._bad_loss is not None and self.policy == "stop":
+            self._nonfinite(pl_module, f"meta-loss ({self._bad_loss})", trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        gradients = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if self._bad_loss is None and all(torch.isfinite(g).all() for g in gradients):
+            return
+        what = (f"meta-loss ({self._bad_loss})" if self._bad_loss is not None
+                else "meta-gradient")
+        self._bad_loss = None
+        self._nonfinite(pl_module, what, trainer.global_step)
+        # Adam leaves parameters without a gradient untouched, moments included.
+        for parameter in pl_module.parameters():
+            parameter.grad = None
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+class Throughput(Callback):
+    """Logs ``train/tasks_per_s``: meta-batch tasks over the wall time between two steps."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last = None  # validation in between would distort the rate
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            pl_module.log("train/tasks_per_s", batch.num_tasks / (now - self._last), prog_bar=True)
+        self._last = now
+
+
+class TestResultsWriter(Callback):
+    """Writes ``test_results.json`` in the run folder after testing, and prints the summary."""
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        result = getattr(pl_module, "test_result", None)
+        if result is None or not trainer.is_global_zero:
+            return
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "test_results.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(format_test_result(result) + f"\nWrote {path}")

@@ -1,0 +1,215 @@
+"""``fewshot fit|validate|test``: LightningCLI over :class:`MetaLearner` and the data module.
+
+    fewshot fit -c configs/omniglot_5way_1shot_cpu.yaml
+    fewshot test -c configs/omniglot_5way_1shot_cpu.yaml --ckpt_path runs/.../best.ckpt
+    fewshot fit -c configs/omniglot_5way_1shot_cpu.yaml --ckpt_path last   # resume a killed run
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from fewshot.data.datamodule import FewShotDataModule
+from fewshot.data.download import DatasetNotFoundError, IntegrityError
+from fewshot.inference.checkpoints import describe_load_error
+from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throughput
+from fewshot.training.checkpoint_io import ResumableModelCheckpoint, find_last_checkpoint
+from fewshot.training.module import MetaLearner
+from fewshot.training.observability import MetaGradientMonitor
+
+# The original project's flags, accepted and translated to their fewshot options.
+LEGACY_FLAGS = {
+    "--episode_classes": "--data.ways",
+    "--support_samples": "--data.shots",
+    "--query_samples": "--data.queries",
+    "--batch_size": "--data.meta_batch_size",
+    "--inner_loop_steps": "--model.algorithm.init_args.inner_steps",
+    "--track_grad_norm": "--grad_monitor.norm_type",
+}
+# Flags of the original project that took no value.
+LEGACY_SWITCHES = {
+    "--wandb": "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+}
+
+TRAINER_DEFAULTS = {
+    # Evaluation adapts with gradients; inference mode would forbid them.
+    "inference_mode": False,
+    "default_root_dir": "runs",
+    # Under DDP the data module gives each process its share of every meta-batch itself.
+    "use_distributed_sampler": False,
+}
+
+
+def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
+    """``--episode_classes=20`` -> ``--data.ways=20`` (and the other original-project flags)."""
+    translated = []
+    for argument in argv:
+        if argument in LEGACY_SWITCHES:
+            translated.append(LEGACY_SWITCHES[argument])
+            continue
+        flag, separator, value = argument.partition("=")
+        if flag == "--accelerator" and value.startswith("ddp"):  # Lightning 1.x spelling
+            flag = "--trainer.strategy"
+        translated.append(LEGACY_FLAGS.get(flag, flag) + separator + value)
+    return translated
+
+
+class FewShotCLI(LightningCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str] | None) -> None:
+        # main() hands the command line over itself, after translating the original project's
+        # flags; Lightning's warning about arguments given twice would end every command.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Settings given once: the data decides, the model follows.
+        parser.link_arguments("data.ways", "model.ways")
+        parser.link_arguments("data.image_size", "model.backbone.init_args.image_size")
+        parser.link_arguments("data.channels", "model.backbone.init_args.in_channels")
+        parser.set_defaults({"model.backbone": {"class_path": "fewshot.models.Conv4"},
+                             "model.algorithm": {"class_path": "fewshot.algorithms.MAML"},
+                             "model.inner_optimizer": {"class_path": "fewshot.core.inner_optimizers.SGD"},
+                             "model.executor": {"class_path": "fewshot.execution.Auto"}})
+        # NaN/Inf in the meta-loss or meta-gradient: stop or skip (fewshot.training.callbacks).
+        parser.add_lightning_class_args(NonFinitePolicy, "nonfinite")
+        # CSV and TensorBoard in one run folder, no setup needed (fewshot.loggers).
+        parser.set_defaults({"trainer.logger": {
+            "class_path": "fewshot.training.loggers.RunLogger", "init_args": {"save_dir": "runs"}}})
+        # The original project's --track_grad_norm, and gradient histograms (fewshot.observability).
+        parser.add_lightning_class_args(MetaGradientMonitor, "grad_monitor")
+        # Keep the best checkpoint by validation accuracy, and the last one for resuming.
+        parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.filename": "best-{step}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="After fit, run the test episodes with the best checkpoint and print the accuracy.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of --ckpt_path before anything else: a damaged
+        # or refused file is a user error naming it, not a traceback from torch.load.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:
+            path = Path(self.config[self.config.subcommand].get("ckpt_path"))
+            raise describe_load_error(path, error) from error
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer", {})
+        # Checkpoints are written atomically (fewshot.checkpoint_io), unless the user chose
+        # another CheckpointIO plugin.
+        plugins = trainer.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(_is_checkpoint_io(plugin) for plugin in plugins):
+            trainer["plugins"] = [*plugins, Namespace(
+                class_path="fewshot.training.checkpoint_io.AtomicCheckpointIO", init_args=Namespace())]
+        # A Rich progress bar on a terminal; Lightning's plain one elsewhere (logs, CI), none
+        # with --trainer.enable_progress_bar false.
+        if trainer.get("enable_progress_bar", True) is not False and sys.stdout.isatty():
+            callbacks = list(trainer.get("callbacks") or [])
+            if not any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks):
+                trainer["callbacks"] = [*callbacks, Namespace(
+                    class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace())]
+
+    def _resume_from_the_last_run(self) -> None:
+        # --ckpt_path last: the last checkpoint of the previous runs, not of this new one.
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            found = find_last_checkpoint(self.trainer, self.model, self.datamodule)
+            if found is not None:
+                config["ckpt_path"] = str(found)
+            elif self.subcommand != "fit":  # fit starts afresh; evaluating random weights is wrong
+                looked = getattr(self.trainer.logger, "root_dir", self.trainer.default_root_dir)
+                raise FileNotFoundError(f"--ckpt_path last: no run with these settings in {looked} "
+                                        "has a last.ckpt; pass the path of a checkpoint")
+
+    before_fit = before_validate = before_test = _resume_from_the_last_run
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            has_best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+            self.trainer.test(self.model, datamodule=self.datamodule,
+                              ckpt_path="best" if has_best else None)
+
+
+def _is_checkpoint_io(plugin: object) -> bool:
+    if isinstance(plugin, CheckpointIO):
+        return True
+    class_path = getattr(plugin, "class_path", None)
+    if not isinstance(class_path, str):
+        return False  # e.g. "bf16-mixed": a precision plugin named by a string
+    module, _, name = class_path.rpartition(".")
+    plugin_class = getattr(importlib.import_module(module), name, None) if module else None
+    return isinstance(plugin_class, type) and issubclass(plugin_class, CheckpointIO)
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Name the ``-c``/``--config`` file that is not YAML or not a mapping of options (the
+    parser's own message gives a line number but not the file)."""
+    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+        if flag.startswith("--config="):
+            flag, value = "--config", flag.partition("=")[2]
+        if flag not in ("-c", "--config") or value is None or not Path(value).is_file():
+            continue
+        try:
+            with open(value) as file:
+                config = yaml.safe_load(file)  # a syntax error names the file
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise ValueError(f"config file {value} is not readable YAML: {error}") from error
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"config file {value} must be a mapping of options (such as "
+                             f"'trainer:', 'model:', 'data:'), not a {type(config).__name__}")
+
+
+def _raised_by_jsonargparse(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and str(
+        traceback.tb_frame.f_globals.get("__name__", "")).startswith("jsonargparse")
+
+
+def user_error(error: BaseException) -> BaseException:
+    """The error to show: jsonargparse wraps one raised while building a class (e.g. Conv4's
+    own ``ValueError``) in a list of every type it tried; the original says what is wrong."""
+    while _raised_by_jsonargparse(error) and isinstance(error.__cause__, ValueError):
+        error = error.__cause__
+    return error
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FewShotCLI:
+    return FewShotCLI(
+        MetaLearner,
+        FewShotDataModule,
+        # Always on: tasks/s in the logs, test_results.json after testing.
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [Throughput(), TestResultsWriter()]},
+        args=translate_legacy_flags(sys.argv[1:] if args is None else args),
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+# What ends a training command with one line instead of a traceback (see fewshot.cli.main).
+USER_ERRORS = (DatasetNotFoundError, IntegrityError, ValueError, FileNotFoundError,
+               MisconfigurationException)
+
+
+def run(argv: Sequence[str]) -> FewShotCLI:
+    """``fewshot fit|validate|test ...``: check the config files, then run LightningCLI."""
+    check_config_files(argv)
+    return build_cli(argv)
