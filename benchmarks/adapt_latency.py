@@ -25,11 +25,12 @@ import torch
 from PIL import Image
 
 import fewshot
+from fewshot.algorithms import MAML
 from fewshot.inference.export import ModelFiles, make_metadata
 from fewshot.inference.images import Preprocessing
+from fewshot.inference.learner import Learner
 from fewshot.models import Conv4
 from fewshot.training.module import MetaLearner
-from fewshot.inference.learner import Learner
 
 WAYS, SHOTS, QUERIES = 5, 5, 100
 
@@ -37,11 +38,12 @@ WAYS, SHOTS, QUERIES = 5, 5, 100
 def random_learner() -> Learner:
     """A 5-way conv4-64 Omniglot model with random weights, as :func:`fewshot.load` builds it."""
     torch.manual_seed(0)
-    model = MetaLearner(Conv4(1, 64, 28), ways=WAYS, inner_steps=1, inner_lr=0.4, eval_inner_steps=3)
-    backbone = {"class_path": "fewshot.models.Conv4",
-                "init_args": {"in_channels": 1, "hidden_channels": 64, "image_size": 28}}
-    metadata = make_metadata(backbone, dict(model.hparams),
-                             Preprocessing.for_dataset("omniglot", 28, 1), {"checkpoint": "random"})
+    model = MetaLearner(Conv4(1, 64, 28), ways=WAYS,
+                        algorithm=MAML(inner_steps=1, inner_lr=0.4, eval_inner_steps=3))
+    hparams = model.hparams  # every part by its settings, as a checkpoint records them
+    metadata = make_metadata(hparams["backbone"], hparams["ways"], hparams["algorithm"],
+                             hparams["inner_optimizer"], Preprocessing.for_dataset("omniglot", 28, 1),
+                             {"checkpoint": "random"})
     return Learner(ModelFiles(metadata, model.state_dict(), Path("random weights")))
 
 

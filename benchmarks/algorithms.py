@@ -1,15 +1,16 @@
 """The algorithm family at an equal wall-clock budget: MAML with SGD, momentum or Adam in the
-inner loop, Meta-SGD and ANIL, on Omniglot 5-way 1-shot.
+inner loop, Meta-SGD, ANIL, Reptile and Prototypical Networks, on Omniglot 5-way 1-shot.
 
     python benchmarks/algorithms.py [--minutes 4] [--arms maml,adam,...] [--parallel]
 
-Every arm starts from configs/omniglot_5way_1shot_cpu.yaml with the same number of inner steps
-(``--inner_steps``, default 2, so momentum and Adam differ from SGD), meta-trains for the same
-minutes, and is tested on 600 episodes with its best validation checkpoint. Besides accuracy
-it reports how the meta-gradient behaved: the largest and the median total norm logged (every
-25 meta-iterations) and how many meta-steps had a NaN or Inf meta-gradient (every arm runs
-with ``nonfinite=skip``, so such steps are skipped and counted instead of stopping the run).
-Arms:
+Every arm starts from configs/omniglot_5way_1shot_cpu.yaml (MAML, Adam 2e-3 as meta-optimizer)
+with the same number of inner steps (``--inner_steps``, default 2, so momentum and Adam differ
+from SGD) and 3 at test, meta-trains for the same minutes, and is tested on 600 episodes with
+its best validation checkpoint; Reptile keeps its own inner loop and ProtoNets has none. Besides
+accuracy it reports how the meta-gradient behaved: the largest and the median total norm logged
+(every 25 meta-iterations) and how many meta-steps had a NaN or Inf meta-gradient (every arm
+runs with ``--nonfinite.policy skip``, so such steps are skipped and counted instead of stopping
+the run). Arms:
     maml        SGD, inner_lr 0.4 (MAML)
     momentum    SGD with momentum 0.9, inner_lr 0.2 (two steps then move about as far as SGD's)
     adam_torch  Adam as torch.optim.Adam computes it (eps 1e-8 outside the square root), lr 0.02
@@ -17,6 +18,11 @@ Arms:
     adam_lslr   the same with learned per-layer, per-step rates (LSLR)
     meta_sgd    SGD with a learned rate per parameter entry and step (Meta-SGD)
     anil        SGD on the head only (ANIL)
+    reptile     Reptile: 5 first-order SGD steps at inner_lr 0.1 in training (the Reptile
+                paper's 5 steps on Omniglot), 10 at test; the meta-optimizer follows the mean
+                of params - adapted params
+    protonet    Prototypical Networks: no inner loop, distances to class means of the support
+                embeddings
 ``--parallel`` runs every arm at once, one thread each, so all meet the same machine load.
 Last line: one JSON object with every arm's figures.
 """
@@ -35,17 +41,44 @@ from common import arms_parser, fit_then_test, run_arms
 # median entry by 0.016 on Omniglot at initialisation (median |support gradient| 0.04), so
 # 0.02 gives Adam SGD's typical step size.
 ADAM_LR = "0.02"
-ARMS = {
-    "maml": ["--model.inner_lr=0.4"],
-    "momentum": ["--model.inner_optimizer=momentum", "--model.inner_lr=0.2"],
-    "adam_torch": ["--model.inner_optimizer=adam", f"--model.inner_lr={ADAM_LR}",
-                   "--model.inner_eps=1e-8", "--model.inner_eps_inside_sqrt=false"],
-    "adam": ["--model.inner_optimizer=adam", f"--model.inner_lr={ADAM_LR}"],
-    "adam_lslr": ["--model.inner_optimizer=adam", f"--model.inner_lr={ADAM_LR}",
-                  "--model.learn_inner_lr=true"],
-    "meta_sgd": ["--model.meta_sgd=true", "--model.inner_lr=0.4"],
-    "anil": ["--model.anil=true", "--model.inner_lr=0.4"],
+ALGORITHM = "--model.algorithm"
+SETTING = "--model.algorithm.init_args"
+INNER_OPTIMIZER = "--model.inner_optimizer"
+ADAM = [f"{INNER_OPTIMIZER}=fewshot.core.inner_optimizers.Adam", f"{SETTING}.inner_lr={ADAM_LR}"]
+# Each arm: the algorithm it switches to (None: the config's MAML), then its own settings,
+# applied after the shared ones (--inner_steps, 3 steps at test).
+ARMS: dict[str, tuple[str | None, list[str]]] = {
+    "maml": (None, [f"{SETTING}.inner_lr=0.4"]),
+    "momentum": (None, [f"{INNER_OPTIMIZER}=fewshot.core.inner_optimizers.Momentum",
+                        f"{INNER_OPTIMIZER}.init_args.momentum=0.9", f"{SETTING}.inner_lr=0.2"]),
+    "adam_torch": (None, [*ADAM, f"{INNER_OPTIMIZER}.init_args.eps=1e-8",
+                          f"{INNER_OPTIMIZER}.init_args.eps_inside_sqrt=false"]),
+    "adam": (None, ADAM),
+    "adam_lslr": (None, [*ADAM, f"{SETTING}.learned_rates=per_tensor"]),
+    # learned_rates spelled out: switching the class keeps the MAML config's settings that
+    # MetaSGD also takes, its learned_rates "none" included.
+    "meta_sgd": ("fewshot.algorithms.MetaSGD", [f"{SETTING}.inner_lr=0.4",
+                                                 f"{SETTING}.learned_rates=per_entry"]),
+    "anil": ("fewshot.algorithms.ANIL", [f"{SETTING}.inner_lr=0.4"]),
+    "reptile": ("fewshot.algorithms.Reptile", [f"{SETTING}.inner_steps=5",
+                                               f"{SETTING}.inner_lr=0.1",
+                                               f"{SETTING}.eval_inner_steps=10"]),
+    "protonet": ("fewshot.algorithms.ProtoNet", []),
 }
+# Algorithms without an inner loop take no inner-loop settings.
+NO_INNER_LOOP = {"fewshot.algorithms.ProtoNet"}
+
+
+def arm_overrides(arm: str, inner_steps: int) -> list[str]:
+    """The fewshot CLI flags of ``arm``: the algorithm first (its settings must follow it),
+    then the settings shared by every arm, then the arm's own."""
+    algorithm, own = ARMS[arm]
+    switch = [] if algorithm is None else [f"{ALGORITHM}={algorithm}"]
+    shared = [] if algorithm in NO_INNER_LOOP else [f"{SETTING}.inner_steps={inner_steps}",
+                                                     f"{SETTING}.eval_inner_steps=3"]
+    return [*switch, *shared, "--nonfinite.policy=skip", *own]
+
+
 GRAD_NORM = "meta_grad/grad_2.0_norm_total"
 
 
@@ -68,10 +101,9 @@ def main() -> None:
     parser.add_argument("--inner_steps", type=int, default=2)
 
     def run_one(args, arm: str, overrides: list[str]) -> dict:
-        common = [f"--model.inner_steps={args.inner_steps}", "--model.eval_inner_steps=3",
-                  "--model.nonfinite=skip"]
         result = fit_then_test(args.config, args.minutes, args.data_root, args.episodes,
-                               f"{args.output_dir}/{arm}", [*common, *ARMS[arm], *overrides])
+                               f"{args.output_dir}/{arm}",
+                               [*arm_overrides(arm, args.inner_steps), *overrides])
         return {**result, **meta_gradient_summary(result["log_dir"])}
 
     args, results = run_arms(__file__, parser, ARMS, run_one)
@@ -80,7 +112,8 @@ def main() -> None:
     print()
     how = "all arms at once, 1 thread each" if args.parallel else "one arm after another"
     print(f"Omniglot 5-way 1-shot, {args.minutes:g} minutes of meta-training per arm on this CPU "
-          f"({how}), {args.inner_steps} inner steps in training, 3 at test, "
+          f"({how}), {args.inner_steps} inner steps in training, 3 at test (Reptile 5 and 10, "
+          f"ProtoNets none), "
           f"{args.episodes} test episodes (mean +- 95% CI)")
     print(f"{'arm':<11}{'meta-iters':>11}{'test accuracy':>19}{'max |g|':>10}"
           f"{'median |g|':>11}{'skipped':>8}")

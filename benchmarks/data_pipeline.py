@@ -11,8 +11,8 @@ Two datasets, each with the batch shapes of its shipped MAML config:
 
 For each, training meta-batches are drawn through ``FewShotDataModule.train_dataloader()``
 with each number of DataLoader workers (after a few warm-up batches, so worker start-up is not
-counted), and a second-order MAML meta-step (``fewshot.maml.meta_batch_metrics`` plus the
-meta-gradient, on a batch from the pipeline) is timed on this CPU. ``headroom`` is pipeline
+counted), and a second-order MAML meta-step (``fewshot.algorithms.MAML`` run by the ``Auto``
+executor, plus the meta-gradient, on a batch from the pipeline) is timed on this CPU. ``headroom`` is pipeline
 rate / meta-step rate: above 1 the sampler keeps up with training. Last line: one JSON object.
 """
 
@@ -30,10 +30,11 @@ import torch
 import yaml
 from common import DEFAULT_OMNIGLOT, REPO
 
-from fewshot.data.datamodule import FewShotDataModule
+from fewshot.algorithms import MAML
 from fewshot.core.episode import Episodes
-from fewshot.maml import meta_batch_metrics, resolve_batching
+from fewshot.execution import Auto, run_meta_batch
 from fewshot.models import Conv4, FewShotClassifier
+from fewshot.training.datamodule import FewShotDataModule
 
 FAKE_ROOT = REPO / ".data" / "benchmarks" / "fake-mini-imagenet"
 FAKE_CACHE = REPO / ".data" / "benchmarks" / "cache"
@@ -96,17 +97,19 @@ def meta_step_rate(episodes: Episodes, data_config: dict, model_config: dict,
     hidden = model_config["backbone"]["init_args"]["hidden_channels"]
     model = FewShotClassifier(
         Conv4(data_config["channels"], hidden, data_config["image_size"]), data_config["ways"])
+    settings = model_config["algorithm"]["init_args"]  # both configs are MAML's
+    algorithm = MAML(inner_steps=settings["inner_steps"], inner_lr=settings["inner_lr"],
+                     first_order=False)
+    algorithm.build(model)
     params = dict(model.named_parameters())
     images = episodes.support_x.shape[1] + episodes.query_x.shape[1]
-    batching = resolve_batching("auto", torch.device("cpu"), images)
+    executor = Auto()
+    batching = executor.describe(torch.device("cpu"), images)
     seconds = []
     for _ in range(repeats + 1):  # the first run warms up allocator and kernels
         start = time.perf_counter()
-        losses, _, _ = meta_batch_metrics(model, params, episodes,
-                                          steps=model_config["inner_steps"],
-                                          lr=model_config["inner_lr"], first_order=False,
-                                          batching=batching)
-        torch.autograd.grad(losses[:, -1].mean(), list(params.values()))
+        results = run_meta_batch(algorithm, model, episodes, executor, params=params)
+        torch.autograd.grad(algorithm.meta_loss(results, epoch=0), list(params.values()))
         seconds.append(time.perf_counter() - start)
     return 1.0 / statistics.median(seconds[1:]), batching
 
@@ -148,7 +151,7 @@ def main() -> None:
                               f"{data_config['image_size']}px",
                 "meta_batches_per_s": rate, "tasks_per_s": rate * tasks,
                 "meta_step_per_s": step_rate, "meta_step_tasks_per_s": step_rate * tasks,
-                "meta_step_inner_steps": model_config["inner_steps"], "meta_step_batching": batching,
+                "meta_step_inner_steps": model_config["algorithm"]["init_args"]["inner_steps"], "meta_step_batching": batching,
                 "headroom": rate / step_rate, "setup_seconds": setup_seconds,
             })
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from fewshot.data.datamodule import FewShotDataModule
+from fewshot.algorithms import MAML
 from fewshot.models import Conv4
+from fewshot.training.datamodule import FewShotDataModule
 from fewshot.training.module import MetaLearner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def measure(args, accelerator: str, devices: int, threads: int) -> dict:
     data = FewShotDataModule(root=args.data_root, ways=5, shots=1, queries=1,
                              meta_batch_size=args.tasks, val_episodes=1, steps_per_epoch=10_000)
     torch.manual_seed(0)
-    model = MetaLearner(Conv4(1, 64, 28), ways=5, inner_steps=1, inner_lr=0.4)
+    model = MetaLearner(Conv4(1, 64, 28), ways=5, algorithm=MAML(inner_steps=1, inner_lr=0.4))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "throughput.json"
         trainer = Trainer(

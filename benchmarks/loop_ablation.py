@@ -4,7 +4,7 @@ of them undone at a time, side by side in one run.
     python benchmarks/loop_ablation.py [--threads 1] [--repeats 7] [--tasks 32]
 
 Omniglot 5-way 1-shot, 1 query per class, 1 inner step, conv4-64 (the meta_step.py setting),
-``batching="loop"``. Rows:
+the per-task loop (the ``Loop`` executor). Rows:
 
 - ``fewshot``: as shipped (closed-form batch-norm second derivative, max-pool before ReLU,
   plain autograd for the inner gradient);
@@ -33,8 +33,9 @@ import torch
 from meta_step import SETTINGS, Setting, fewshot_step, first_tasks, make_episodes, relative_error
 from torch import nn
 
-import fewshot.maml
+import fewshot.core.inner_loop
 import fewshot.models.batch_norm
+from fewshot.execution import Loop
 from fewshot.models import Conv4, FewShotClassifier
 
 
@@ -57,8 +58,8 @@ def variants() -> dict[str, Callable[[], AbstractContextManager]]:
                                                                 lambda: True),
         "primitive batch norm": lambda: patch.object(bn, "inside_vmap", lambda: True),
         "ReLU before max-pool": nullcontext,  # the model differs, not the code
-        "torch.func.grad inner gradient": lambda: patch.object(fewshot.maml, "inside_functorch_transform",
-                                                          lambda: True),
+        "torch.func.grad inner gradient": lambda: patch.object(
+            fewshot.core.inner_loop, "inside_functorch_transform", lambda: True),
     }
 
 
@@ -78,7 +79,7 @@ def main() -> None:
 
     def step(name: str, network: nn.Module, batch) -> list[torch.Tensor]:
         with variants()[name]():
-            return fewshot_step(network, batch, s.steps, s.inner_lr, False, batching="loop")
+            return fewshot_step(network, batch, s.steps, s.inner_lr, False, Loop())
 
     check = first_tasks(episodes, 4, torch.float64)
     reference = step("fewshot", copy.deepcopy(model).double(), check)

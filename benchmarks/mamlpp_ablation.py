@@ -5,7 +5,8 @@
 Omniglot 5-way 1-shot on this CPU (configs/mamlpp_omniglot_5way_1shot_cpu.yaml), every arm
 meta-trained for the same minutes, then tested on 600 episodes with its best validation
 checkpoint. Arms:
-    maml           every MAML++ switch off (plain second-order MAML, 3 inner steps)
+    maml           every MAML++ switch off (plain second-order MAML, 3 inner steps; still the
+                   MAMLPlusPlus algorithm of the config, whose switches are its init_args)
     mamlpp         MSL + DA + LSLR + per-step BN weights + per-step running statistics
     no_msl         MAML++ without the multi-step loss
     no_lslr        MAML++ without learned inner rates
@@ -22,14 +23,15 @@ import json
 
 from common import arms_parser, fit_then_test, run_arms
 
+SETTING = "--model.algorithm.init_args"
 ARMS = {
-    "maml": ["--model.multi_step_loss=false", "--model.derivative_order_annealing=false",
-             "--model.learn_inner_lr=false", "--model.per_step_bn_weights=false",
-             "--model.batch_norm=transductive"],
+    "maml": [f"{SETTING}.multi_step_loss=false", f"{SETTING}.derivative_order_annealing=false",
+             f"{SETTING}.learned_rates=none", f"{SETTING}.per_step_bn_weights=false",
+             f"{SETTING}.batch_norm=transductive"],
     "mamlpp": [],
-    "no_msl": ["--model.multi_step_loss=false"],
-    "no_lslr": ["--model.learn_inner_lr=false"],
-    "no_per_step_bn": ["--model.per_step_bn_weights=false", "--model.batch_norm=transductive"],
+    "no_msl": [f"{SETTING}.multi_step_loss=false"],
+    "no_lslr": [f"{SETTING}.learned_rates=none"],
+    "no_per_step_bn": [f"{SETTING}.per_step_bn_weights=false", f"{SETTING}.batch_norm=transductive"],
 }
 
 

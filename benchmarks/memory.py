@@ -7,10 +7,10 @@ Each point (inner steps x mode) builds the model and the episodes, runs one warm
 and then measures one more: forward, meta-backward; on the CPU in a fresh Python process. CPU:
 the growth of the resident set during the measured step (``VmHWM`` reset through
 ``/proc/self/clear_refs``, freed heap returned first with ``malloc_trim``); CUDA:
-``torch.cuda.max_memory_allocated``. Modes: ``plain``, ``checkpoint`` (``checkpoint_inner_steps``:
-each inner step recomputed in the backward pass) and, with ``--budget_mib``, ``budget``
-(``memory_budget``: tasks in recomputed chunks sized from the budget, inner steps checkpointed
-too). Last line: one JSON object.
+``torch.cuda.max_memory_allocated``. Modes: ``plain`` (the ``--batching`` executor),
+``checkpoint`` (``RecomputeInnerSteps``: each inner step recomputed in the backward pass) and,
+with ``--budget_mib``, ``budget`` (``MemoryBudget``: tasks in recomputed chunks sized from the
+budget, inner steps recomputed too). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -25,29 +25,46 @@ import torch
 from meta_step import SETTINGS, Setting, make_episodes
 from peak_memory import peak_memory_mib
 
-from fewshot.maml import meta_batch_metrics
+from fewshot.algorithms import MAML
+from fewshot.execution import (
+    Auto,
+    Executor,
+    Loop,
+    MemoryBudget,
+    RecomputeInnerSteps,
+    Vmap,
+    run_meta_batch,
+)
 from fewshot.models import Conv4, FewShotClassifier
 
-MODES = {
-    "plain": {},
-    "checkpoint": {"checkpoint_inner_steps": True},
-    "budget": {"checkpoint_inner_steps": True, "chunk_size": "auto"},
-}
+BATCHING = {"auto": Auto, "vmap": Vmap, "loop": Loop}
+MODES = ("plain", "checkpoint", "budget")
+
+
+def executor_for(mode: str, batching: str, budget_mib: float | None) -> Executor:
+    """The executor of a mode: ``batching``'s, with recomputed inner steps, within a budget."""
+    executor = BATCHING[batching]()
+    if mode == "plain":
+        return executor
+    if mode == "checkpoint":
+        return RecomputeInnerSteps(executor)
+    if mode == "budget":  # chunk size measured from the budget, inner steps recomputed too
+        return MemoryBudget(budget_mib / 1024, executor=RecomputeInnerSteps(executor))
+    raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 
 def one_point(s: Setting, mode: str, batching: str, device: torch.device, budget_mib: float | None) -> dict:
     torch.manual_seed(0)
     model = FewShotClassifier(Conv4(s.channels, s.hidden, s.size), s.ways).to(device)
     episodes = make_episodes(s, device)
-    options = dict(MODES[mode])
-    if mode == "budget":
-        options["memory_budget"] = budget_mib * 2**20
+    maml = MAML(inner_steps=s.steps, inner_lr=s.inner_lr)
+    maml.build(model)
+    executor = executor_for(mode, batching, budget_mib)
 
     def step() -> None:
         params = dict(model.named_parameters())
-        losses, _, _ = meta_batch_metrics(model, params, episodes, steps=s.steps, lr=s.inner_lr,
-                                          batching=batching, **options)
-        torch.autograd.grad(losses[:, -1].mean(), list(params.values()))
+        results = run_meta_batch(maml, model, episodes, executor, params=params)
+        torch.autograd.grad(maml.meta_loss(results, epoch=0), list(params.values()))
 
     step()  # warm-up (and, in budget mode, the one-task measurement)
     start = time.perf_counter()
@@ -65,7 +82,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20])
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--queries", type=int, default=None)
-    parser.add_argument("--batching", default="auto", choices=["auto", "vmap", "loop"])
+    parser.add_argument("--batching", default="auto", choices=list(BATCHING),
+                        help="the executor of every mode: Auto, Vmap or Loop")
     parser.add_argument("--budget_mib", type=float, default=None, help="also run the budget mode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--point", nargs=2, metavar=("STEPS", "MODE"), help=argparse.SUPPRESS)

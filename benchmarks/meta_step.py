@@ -3,8 +3,10 @@
     python benchmarks/meta_step.py [--setting omniglot mini_imagenet] [--repeats 5] [--device cpu]
                                    [--extra checkpoint budget bf16] [--rows "fewshot vmap" ...]
 
-fewshot's rows: the per-task loop, vmap, worker threads (CPU only), ``auto`` (the strategy
-fewshot picks by default), vmap in chunks, and ``auto`` first order. Two settings, both second
+fewshot's rows (MAML from :mod:`fewshot.algorithms` run by an executor of
+:mod:`fewshot.execution`): the per-task loop (``Loop``), ``Vmap``, worker threads (``Threads``,
+CPU only), ``Auto`` (the executor fewshot picks by default), vmap in chunks
+(``Vmap(chunk_size)``), and ``Auto`` first order. Two settings, both second
 order: Omniglot 5-way 1-shot, 32 tasks, 1 inner step (28x28x1, conv4 with 64 filters, 1 query
 image per class as in MAML's code, ``--queries`` for more) and mini-ImageNet 5-way 5-shot,
 4 tasks, 5 inner steps (84x84x3, 32 filters, 15 queries per class).
@@ -18,8 +20,8 @@ reported too. Repetitions are interleaved (each row once per round) so machine n
 rows alike; the table shows medians. Peak memory: CUDA's max_memory_allocated, or on the CPU the
 growth of the resident set. The comparison libraries come from ``.bench-deps`` (fetch them with
 ``python benchmarks/bench_deps.py``); without them only fewshot's rows run. ``--extra`` adds
-fewshot rows for checkpointed inner steps, a memory budget (``--budget_gib``, chunks recomputed
-in the backward pass) and bf16 autocast (not exact: compared in float32 only); ``--rows`` keeps
+fewshot rows for checkpointed inner steps (``RecomputeInnerSteps``), a memory budget
+(``MemoryBudget``, ``--budget_gib``: chunks recomputed in the backward pass) and bf16 autocast (not exact: compared in float32 only); ``--rows`` keeps
 the rows whose names start with the given prefixes (and the learn2learn baselines). Last line:
 one JSON object with every row: tasks/s, peak memory (MiB), ratio to learn2learn (same order).
 """
@@ -39,8 +41,18 @@ from bench_deps import load_peers
 from peak_memory import peak_memory_mib
 from peers import higher_step, learn2learn_step, peer_model
 
+from fewshot.algorithms import MAML
 from fewshot.core.episode import Episodes
-from fewshot.maml import meta_batch_metrics, resolve_batching
+from fewshot.execution import (
+    Auto,
+    Executor,
+    Loop,
+    MemoryBudget,
+    RecomputeInnerSteps,
+    Threads,
+    Vmap,
+    run_meta_batch,
+)
 from fewshot.models import Conv4, FewShotClassifier
 
 
@@ -78,11 +90,16 @@ def first_tasks(episodes: Episodes, n: int, dtype: torch.dtype) -> Episodes:
                     episodes.query_x[:n].to(dtype), episodes.query_y[:n])
 
 
-def fewshot_step(model, episodes, steps, lr, first_order, **options) -> list[torch.Tensor]:
+def fewshot_step(model, episodes, steps, lr, first_order,
+                 executor: Executor | None = None) -> list[torch.Tensor]:
+    """The meta-gradient of (first-order) MAML's mean query loss, the tasks run by
+    ``executor`` (default: the per-task loop)."""
+    maml = MAML(inner_steps=steps, inner_lr=lr, first_order=first_order)
+    maml.build(model)  # plain MAML: no learned rates, no change to the model
     params = dict(model.named_parameters())
-    losses, _, _ = meta_batch_metrics(model, params, episodes, steps=steps, lr=lr,
-                                      first_order=first_order, **options)
-    return list(torch.autograd.grad(losses[:, -1].mean(), list(params.values())))
+    results = run_meta_batch(maml, model, episodes, Loop() if executor is None else executor,
+                             params=params)
+    return list(torch.autograd.grad(maml.meta_loss(results, epoch=0), list(params.values())))
 
 
 @dataclass(frozen=True)
@@ -97,32 +114,32 @@ class Row:
 def rows_for(s: Setting, device: torch.device, peers: dict, chunk_size: int,
              extra: list[str] = (), budget_gib: float = 1.25) -> list[Row]:
     images = s.ways * (s.shots + s.queries)
-    auto = resolve_batching("auto", device, images)
-    def fs(first_order: bool, **options) -> Callable:
-        return lambda m, e, steps, lr: fewshot_step(m, e, steps, lr, first_order, **options)
+    auto = Auto().describe(device, images)
+    def fs(first_order: bool, executor: Executor) -> Callable:
+        return lambda m, e, steps, lr: fewshot_step(m, e, steps, lr, first_order, executor)
     def chunked(size: int) -> Callable:  # at least two chunks, also on the few checked tasks
         return lambda m, e, steps, lr: fewshot_step(
-            m, e, steps, lr, False, batching="vmap", chunk_size=min(size, max(1, e.num_tasks // 2)))
+            m, e, steps, lr, False, Vmap(chunk_size=min(size, max(1, e.num_tasks // 2))))
     rows = [
-        Row("fewshot loop", False, None, fs(False, batching="loop")),
-        Row("fewshot vmap", False, None, fs(False, batching="vmap")),
-        *([Row("fewshot threads", False, None, fs(False, batching="threads"))]
+        Row("fewshot loop", False, None, fs(False, Loop())),
+        Row("fewshot vmap", False, None, fs(False, Vmap())),
+        *([Row("fewshot threads", False, None, fs(False, Threads()))]
           if device.type == "cpu" else []),  # elsewhere threads fall back to the loop
-        Row(f"fewshot auto ({auto})", False, None, fs(False, batching="auto")),
+        Row(f"fewshot auto ({auto})", False, None, fs(False, Auto())),
         Row(f"fewshot vmap chunk={min(chunk_size, max(1, s.tasks // 2))}", False, None,
             chunked(chunk_size)),
-        Row(f"fewshot auto ({auto}) first order", True, None, fs(True, batching="auto")),
+        Row(f"fewshot auto ({auto}) first order", True, None, fs(True, Auto())),
     ]
     if "checkpoint" in extra:
         rows.append(Row(f"fewshot auto ({auto}) checkpointed", False, None,
-                        fs(False, batching="auto", checkpoint_inner_steps=True)))
+                        fs(False, RecomputeInnerSteps(Auto()))))
     if "budget" in extra:
         rows.append(Row(f"fewshot auto ({auto}) budget {budget_gib:g} GiB", False, None,
-                        fs(False, batching="auto", memory_budget=budget_gib * 2**30)))
+                        fs(False, MemoryBudget(budget_gib, executor=Auto()))))
     if "bf16" in extra:
         def bf16(m, e, steps, lr):
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                return fewshot_step(m, e, steps, lr, False, batching="auto")
+                return fewshot_step(m, e, steps, lr, False, Auto())
         rows.append(Row(f"fewshot auto ({auto}) bf16 autocast", False, None, bf16, exact=False))
     if "learn2learn" in peers:
         maml = peers["learn2learn"]
@@ -164,10 +181,10 @@ def benchmark(s: Setting, args, device: torch.device, peers: dict) -> list[dict]
     # Correctness gate in float64 on the first few tasks.
     model64, peer64 = copy.deepcopy(model).double(), copy.deepcopy(peer).double()
     check = first_tasks(episodes, min(args.check_tasks, s.tasks), torch.float64)
-    reference64 = fewshot_step(model64, check, s.steps, s.inner_lr, False, batching="loop")
-    first_order64 = fewshot_step(model64, check, s.steps, s.inner_lr, True, batching="loop")
-    reference = fewshot_step(model, episodes, s.steps, s.inner_lr, False, batching="loop")
-    first_order_reference = fewshot_step(model, episodes, s.steps, s.inner_lr, True, batching="loop")
+    reference64 = fewshot_step(model64, check, s.steps, s.inner_lr, False, Loop())
+    first_order64 = fewshot_step(model64, check, s.steps, s.inner_lr, True, Loop())
+    reference = fewshot_step(model, episodes, s.steps, s.inner_lr, False, Loop())
+    first_order_reference = fewshot_step(model, episodes, s.steps, s.inner_lr, True, Loop())
     errors = {}
     for row in rows:
         m64 = peer64 if row.peer else model64

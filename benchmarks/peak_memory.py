@@ -1,6 +1,6 @@
 """Peak memory of a piece of work in MiB, for the benchmark tables.
 
-A thin shell over :func:`fewshot.memory.peak_bytes` (the measurement the memory budget uses):
+A thin shell over :func:`fewshot.execution.memory_budget.peak_bytes` (the measurement the memory budget uses):
 on CUDA the table shows the allocator's absolute peak (weights and inputs included), on a Linux
 CPU the growth of the resident set; elsewhere ``None``.
 """

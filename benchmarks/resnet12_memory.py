@@ -5,8 +5,8 @@
 
 One task (5-way, ``--queries`` per class, 84x84 RGB, float32, default ResNet-12 channels) is
 adapted with ``--steps`` inner steps and its query loss backpropagated to the
-meta-parameters, first and second order, through ``fewshot.maml.meta_batch_metrics`` with
-vmap batching (what ``batching=auto`` picks on a GPU). Each measurement runs in a fresh
+meta-parameters, first and second order: MAML (``fewshot.algorithms.MAML``) run by the
+``Vmap`` executor through ``fewshot.execution.run_meta_batch`` (what ``Auto`` picks on a GPU). Each measurement runs in a fresh
 subprocess, which reads its peak resident memory (``VmHWM`` in ``/proc/self/status``) before
 and after the meta-step; ``step`` is the difference, the memory the meta-step itself needs,
 about what it would take on a GPU too. A subprocess may not exceed ``--max_gib`` of address
@@ -26,8 +26,9 @@ import time
 
 import torch
 
+from fewshot.algorithms import MAML
 from fewshot.core.episode import Episodes
-from fewshot.maml import meta_batch_metrics
+from fewshot.execution import Vmap, run_meta_batch
 from fewshot.models import FewShotClassifier, ResNet12
 
 WAYS, IMAGE_SIZE = 5, 84
@@ -45,7 +46,8 @@ def peak_gib() -> float:
 def one_meta_step(shots: int, steps: int, queries: int, first_order: bool) -> dict:
     torch.manual_seed(0)
     model = FewShotClassifier(ResNet12(in_channels=3, image_size=IMAGE_SIZE), WAYS)
-    params = dict(model.named_parameters())
+    maml = MAML(inner_steps=steps, inner_lr=0.01, first_order=first_order)
+    maml.build(model)
     labels = torch.arange(WAYS)
     episodes = Episodes(torch.rand(1, WAYS * shots, 3, IMAGE_SIZE, IMAGE_SIZE),
                         labels.repeat_interleave(shots)[None],
@@ -53,9 +55,8 @@ def one_meta_step(shots: int, steps: int, queries: int, first_order: bool) -> di
                         labels.repeat_interleave(queries)[None])
     before = peak_gib()
     start = time.perf_counter()
-    losses, _, _ = meta_batch_metrics(model, params, episodes, steps=steps, lr=0.01,
-                                      first_order=first_order, batching="vmap")
-    losses[:, -1].mean().backward()
+    results = run_meta_batch(maml, model, episodes, Vmap())
+    maml.meta_loss(results, epoch=0).backward()
     seconds = time.perf_counter() - start
     peak = peak_gib()
     return {"shots": shots, "steps": steps, "first_order": first_order,

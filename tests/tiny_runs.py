@@ -21,9 +21,16 @@ _cache: dict[str, Path] = {}
 
 
 # MAML++ with everything that adds tensors or changes prediction: learned per-step inner rates,
-# per-step batch-norm weights and running statistics.
-MAMLPP = ["--model.learn_inner_lr=true", "--model.per_step_bn_weights=true",
-          "--model.batch_norm=per_step_running", "--model.multi_step_loss=true"]
+# per-step batch-norm weights and running statistics (derivative-order annealing off; one inner
+# step of 0.4 as the MAML run). The class comes before any of its settings on the command line.
+MAMLPP = ["--model.algorithm=fewshot.algorithms.MAMLPlusPlus",
+          "--model.algorithm.init_args.inner_steps=1",
+          "--model.algorithm.init_args.inner_lr=0.4",
+          "--model.algorithm.init_args.learned_rates=per_tensor",
+          "--model.algorithm.init_args.per_step_bn_weights=true",
+          "--model.algorithm.init_args.batch_norm=per_step_running",
+          "--model.algorithm.init_args.multi_step_loss=true",
+          "--model.algorithm.init_args.derivative_order_annealing=false"]
 
 
 def trained_once(fake: tuple[Path, dict[str, int]], tmp_path_factory: pytest.TempPathFactory,
@@ -39,11 +46,11 @@ def trained_once(fake: tuple[Path, dict[str, int]], tmp_path_factory: pytest.Tem
             main(["fit", f"--data.root={root}", f"--data.cache_dir={directory / 'cache'}",
                   f"--data.ways={TRAINED_WAYS}", "--data.queries=2", "--data.meta_batch_size=2",
                   "--data.eval_queries=2", "--data.val_episodes=2", "--data.steps_per_epoch=3",
-                  "--model.backbone.hidden_channels=8", "--model.eval_inner_steps=2",
+                  "--model.backbone.hidden_channels=8", *(MAMLPP if mamlpp else []),
+                  "--model.algorithm.init_args.eval_inner_steps=2",
                   "--trainer.max_steps=3", f"--trainer.default_root_dir={directory}",
                   f"--trainer.logger.init_args.save_dir={directory}",
-                  "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                  *(MAMLPP if mamlpp else [])])
+                  "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
         _cache[key] = directory / "lightning_logs" / "version_0"
     return _cache[key]
 

@@ -17,9 +17,9 @@ from fake_datasets import (
 )
 
 from fewshot.cli import main
-from fewshot.data.datamodule import FewShotDataModule
 from fewshot.data.download import IntegrityError
 from fewshot.data.mini_imagenet import MiniImageNet
+from fewshot.training.datamodule import FewShotDataModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMALL = dict(ways=3, shots=1, queries=2, meta_batch_size=2, eval_queries=2, val_episodes=4,
@@ -140,8 +140,9 @@ def test_cifar_fs_config_trains_and_tests_through_the_cli(tmp_path, capsys):
           f"--data.cache_dir={tmp_path / 'c'}", "--data.queries=2", "--data.eval_queries=2",
           "--data.val_episodes=2", "--data.test_episodes=2", "--data.steps_per_epoch=2",
           "--data.num_workers=0", "--data.random_crop_padding=4", "--data.horizontal_flip=true",
-          "--model.backbone.hidden_channels=4", "--model.eval_inner_steps=1",
-          "--model.inner_steps=1", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+          "--model.backbone.hidden_channels=4",
+          "--model.algorithm.init_args.eval_inner_steps=1",
+          "--model.algorithm.init_args.inner_steps=1", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
           f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
           "--trainer.enable_progress_bar=false", "--test_after_fit=true"])
     (results,) = tmp_path.rglob("test_results.json")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fewshot.inference.export import CheckpointError
 from fewshot.training.checkpoint_io import AtomicCheckpointIO
 from fewshot.training.cli import build_cli
-from fewshot.inference.export import CheckpointError
 
 
 def checkpoint(value: float) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from cli_runs import TIMING_COLUMNS, assert_identical, load, metric_rows, versions
 
-from fewshot.data.datamodule import FewShotDataModule
+from fewshot.training.datamodule import FewShotDataModule
 
 
 def test_two_runs_with_the_same_config_and_seed_are_identical(uninterrupted_runs):

@@ -106,7 +106,8 @@ class MAML(Algorithm):
             if self._adapted is None or name in self._adapted:
                 shape = p.shape if self.learned_rates == "per_entry" else ()
                 self.inner_lrs[name.replace(".", "-")] = nn.Parameter(
-                    torch.full((max(self.inner_steps, 1), *shape), self.inner_lr))
+                    torch.full((max(self.inner_steps, 1), *shape), self.inner_lr,
+                               dtype=p.dtype, device=p.device))
 
     def first_order_at(self, epoch: int) -> bool:
         return self.first_order

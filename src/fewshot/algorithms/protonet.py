@@ -64,6 +64,8 @@ class ProtoNet(Algorithm):
         ways = model.head.out_features
         logits = negative_squared_distances(
             _embed(model, params, query_x), prototypes(_embed(model, params, support_x), support_y, ways))
+        # Classes without support images (a task of fewer ways than the head) are not classes.
+        logits = logits.masked_fill(F.one_hot(support_y, ways).sum(dim=0) == 0, float("-inf"))
         loss = F.cross_entropy(logits, query_y)
         return TaskResult(loss.reshape(1), loss.detach().reshape(1),
                           accuracy(logits.detach(), query_y).reshape(1), {}, {})

@@ -61,6 +61,9 @@ def build_from_settings(spec: Any, known: dict[str, type], what: str) -> Any:
     if not isinstance(spec, dict) or not isinstance(spec.get("init_args") or {}, dict):
         raise ValueError(f"{what} must be {{\"class_path\": ..., \"init_args\": {{...}}}}, got {spec!r}")
     class_path = spec.get("class_path")
+    # The package spelling configs use (fewshot.algorithms.MAML for fewshot.algorithms.maml.MAML).
+    known = {**{f"{p.rsplit('.', 2)[0]}.{p.rsplit('.', 1)[1]}": c for p, c in known.items()
+                if p.count(".") >= 2}, **known}
     if class_path not in known:
         raise ValueError(f"{what} {class_path!r} is not one fewshot knows; known: {sorted(known)}")
     init_args = {}

@@ -1,10 +1,11 @@
-"""Datasets, episode sampling and the Lightning data module.
+"""Datasets and episode sampling (no Lightning: its data module is in fewshot.training).
 
 - :mod:`~fewshot.data.episodes`: the episode sampler (what a dataset must provide, and tasks);
-- :mod:`~fewshot.data.datamodule`: :class:`FewShotDataModule`, the LightningDataModule;
+- :mod:`~fewshot.training.datamodule`: :class:`FewShotDataModule`, the LightningDataModule;
 - datasets: :mod:`~fewshot.data.omniglot`, :mod:`~fewshot.data.mini_imagenet`,
-  :mod:`~fewshot.data.cifar_fs`, :mod:`~fewshot.data.image_folder` (your own images), the last
-  three built on :mod:`~fewshot.data.class_images` and its cache :mod:`~fewshot.data.split_cache`;
+  :mod:`~fewshot.data.cifar_fs`, :mod:`~fewshot.data.image_folder` (your own images), all
+  built on :mod:`~fewshot.data.class_images` and its cache :mod:`~fewshot.data.split_cache`,
+  and registered by name in :mod:`~fewshot.data.registry`;
 - helpers: :mod:`~fewshot.data.download`, :mod:`~fewshot.data.image_decoding`,
   :mod:`~fewshot.data.safe_pickle`, :mod:`~fewshot.data.augmentation`.
 """

@@ -75,6 +75,7 @@ class CIFARFS(CachedClassImages):
             ``~/.cache/fewshot``).
         skip_bad_images: accepted for a uniform interface; CIFAR has no image files to skip.
         transform, target_transform: as in torchvision, applied per image / class id.
+        split_seed: accepted for a uniform interface; the class splits are fixed or given.
 
     Example:
         >>> test = CIFARFS("data/cifar_fs", split="test", download=True)  # doctest: +SKIP
@@ -93,11 +94,14 @@ class CIFARFS(CachedClassImages):
                   "val": "c6b45a88282371b18abc1b9b12eaf451",
                   "test": "7e0f0cae4d694501fce2c2d45ac5241d"}
     expected_classes = {"train": 64, "val": 16, "test": 20}
+    # Photos: decoded pixels scaled to [0, 1], nothing more.
+    preprocessing = {"invert": False, "mean": (0.0,), "std": (1.0,)}
 
     def __init__(self, root: str | Path, split: str = "train", class_split: str | Path | None = None,
                  image_size: int = 32, channels: int = 3, download: bool = False,
                  cache_dir: str | Path | None = None, skip_bad_images: bool = False,
-                 transform: Callable | None = None, target_transform: Callable | None = None) -> None:
+                 transform: Callable | None = None, target_transform: Callable | None = None,
+                 split_seed: int = 0) -> None:
         check_split_name(split)
         check_image_options(image_size, channels)
         self.root = Path(root).expanduser()

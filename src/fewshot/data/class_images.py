@@ -2,9 +2,12 @@
 
 :class:`CachedClassImages` is what the episode sampler needs (:class:`fewshot.data.episodes.
 ClassImages`: ``classes``, ``class_sizes``, ``load_class_images``) plus the torchvision-style
-map interface. The concrete datasets (:mod:`~fewshot.data.mini_imagenet`,
-:mod:`~fewshot.data.cifar_fs`, :mod:`~fewshot.data.image_folder`) only find, check and decode
-their sources into a :class:`~fewshot.data.split_cache.StoredSplit`.
+map interface. The concrete datasets (:mod:`~fewshot.data.omniglot`,
+:mod:`~fewshot.data.mini_imagenet`, :mod:`~fewshot.data.cifar_fs`,
+:mod:`~fewshot.data.image_folder`) only find, check and decode their sources into a
+:class:`~fewshot.data.split_cache.StoredSplit`, and declare what the rest of fewshot needs to
+know about them as class attributes (see :class:`CachedClassImages`); they are registered by
+name in :mod:`fewshot.data.registry`.
 """
 
 from __future__ import annotations
@@ -74,24 +77,51 @@ class CachedClassImages(torch.utils.data.Dataset):
 
     Subclasses call :meth:`_use_cache` from their ``__init__``. Indexing is class-major: item
     ``i`` is image ``i - start(c)`` of the class ``c`` it falls in, as ``(image, class_id)``.
+
+    What a registered dataset (:mod:`fewshot.data.registry`) provides:
+
+    - a constructor ``(root, split=..., *, class_split, image_size, channels, download,
+      cache_dir, skip_bad_images, split_seed, transform, target_transform)``, where
+      ``class_split=None`` is the dataset's standard class split and options that do not apply
+      to it (e.g. ``split_seed`` for a fixed split) are accepted and ignored;
+    - ``preprocessing``: ``{"invert", "mean", "std"}``, what a new image needs besides
+      decoding to look like this dataset's images (:class:`fewshot.inference.images.
+      Preprocessing`), declared by each dataset class itself;
+    - ``supported_channels``: the ``channels`` it can serve (:meth:`check_channels`).
     """
 
     channels: int
     image_size: int
     transform: Callable | None = None
     target_transform: Callable | None = None
+    supported_channels: tuple[int, ...] = (1, 3)
+
+    @classmethod
+    def check_channels(cls, channels: int) -> None:
+        """Raise ValueError unless this dataset can serve ``channels``-channel images."""
+        if channels in cls.supported_channels:
+            return
+        if set(cls.supported_channels) == {1, 3}:
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        counts = " or ".join(map(str, cls.supported_channels))
+        plural = "" if cls.supported_channels == (1,) else "s"
+        raise ValueError(f"{cls.__name__} images have {counts} channel{plural}, "
+                         f"got channels={channels!r}")
 
     def _use_cache(self, cache_dir: Path, dataset: str, split: str, source: list[str],
-                   build: Callable[[], StoredSplit], skip_bad_images: bool, what: str) -> None:
+                   build: Callable[[], StoredSplit], skip_bad_images: bool, what: str,
+                   classes: list[str] | None = None) -> None:
         """Load the cache keyed by the settings and ``source`` fingerprint, or ``build`` it.
 
         Unreadable source files are recorded in the cache, so a strict run fails on them
-        (and a lenient one warns about them) every time, not only when decoding.
+        (and a lenient one warns about them) every time, not only when decoding. If the
+        ``classes`` are known beforehand, a cache holding other classes (a fingerprint
+        collision) is rebuilt too.
         """
         stem = (f"{dataset}-{split}-{self.image_size}px-{self.channels}ch-"
                 f"{fingerprint(source)}")
         stored = load_split(cache_dir, stem)
-        if stored is None:
+        if stored is None or (classes is not None and stored.classes != classes):
             stored = save_split(cache_dir, stem, build())
         report_bad_images(stored.skipped, skip_bad_images, what)
         empty = [name for name, size in zip(stored.classes, stored.class_sizes, strict=True)
@@ -104,9 +134,25 @@ class CachedClassImages(torch.utils.data.Dataset):
     def _set_stored(self, stored: StoredSplit) -> None:
         self._images = stored.images
         self._cache_file = stored.path
-        self.classes = list(stored.classes)
-        self.class_sizes = list(stored.class_sizes)
-        self._starts = np.concatenate([[0], np.cumsum(self.class_sizes)]).astype(np.int64)
+        starts = np.cumsum([0, *stored.class_sizes], dtype=np.int64)[:-1]
+        self._serve(list(stored.classes), list(stored.class_sizes), starts)
+
+    def _serve(self, classes: list[str], class_sizes: list[int], first_rows: Sequence[int],
+               quarter_turns: Sequence[int] | None = None) -> None:
+        """Serve ``classes``: class ``c`` is the ``class_sizes[c]`` stored images from row
+        ``first_rows[c]`` on, rotated by ``quarter_turns[c]`` x 90 degrees (default 0).
+
+        By default each stored class is served once; a subclass may serve a selection of them,
+        or one stored class several times (Omniglot's rotated characters).
+        """
+        if not len(classes) == len(class_sizes) == len(first_rows):
+            raise ValueError("classes, class_sizes and first_rows must have the same length")
+        self.classes = list(classes)
+        self.class_sizes = [int(n) for n in class_sizes]
+        self._first_rows = np.asarray(first_rows, dtype=np.int64)
+        self._quarter_turns = (None if quarter_turns is None
+                               else np.asarray(quarter_turns, dtype=np.int64) % 4)
+        self._starts = np.cumsum([0, *self.class_sizes], dtype=np.int64)
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers started by spawn/forkserver receive the dataset pickled: send the
@@ -132,8 +178,11 @@ class CachedClassImages(torch.utils.data.Dataset):
             raise IndexError(f"image indices {indices.tolist()} out of range for class "
                              f"{self.classes[class_id]!r} with {size} images")
         # Fancy indexing copies just these images out of the memory map.
-        pixels = self._images[self._starts[class_id] + indices]
+        pixels = self._images[self._first_rows[class_id] + indices]
         images = torch.from_numpy(pixels).float().div_(255.0)
+        turns = 0 if self._quarter_turns is None else int(self._quarter_turns[class_id])
+        if turns:
+            images = torch.rot90(images, turns, dims=(-2, -1))
         if self.transform is not None:
             images = torch.stack([self.transform(image) for image in images])
         return images

@@ -7,16 +7,21 @@ at inference, so a trained model sees its inputs prepared exactly like its train
 
 A file that cannot be decoded (empty, truncated, corrupt, not an image) is never silently
 dropped: :func:`decode_image_files` names every such file in one :class:`BadImageError`, or,
-when the caller opts in, skips them and says so in one summary warning.
+when the caller opts in, skips them and says so in one summary warning. Files are read from
+folders or, as :class:`ZipMember`, straight out of zip archives (e.g. Omniglot's).
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import sys
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fewshot.data.download import IntegrityError
 
-__all__ = ["BadImageError", "decode_image_files", "prepare_image", "prepare_image_array",
-           "report_bad_images"]
+__all__ = ["BadImageError", "ImageSource", "ZipMember", "decode_image_files", "prepare_image",
+           "prepare_image_array", "report_bad_images"]
 
 # Below this many files a process pool costs more than it saves.
 _POOL_MIN_FILES = 2000
@@ -36,6 +41,42 @@ _NAMED_BAD_FILES = 20
 
 class BadImageError(IntegrityError):
     """One or more image files cannot be decoded; the message names them and why."""
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """The image file ``name`` inside the zip archive ``archive``, decoded without extracting."""
+
+    archive: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.archive}:{self.name}"
+
+
+ImageSource = str | Path | ZipMember
+
+# Re-opening a zip of 20k entries costs ~70 ms, so each process keeps its archives open while
+# it decodes (decode_image_files closes them when done).
+_open_zips: dict[str, zipfile.ZipFile] = {}
+
+
+def _read_zip_member(member: ZipMember) -> bytes:
+    archive = _open_zips.get(member.archive)
+    if archive is None:
+        archive = _open_zips[member.archive] = zipfile.ZipFile(member.archive)
+    return archive.read(member.name)
+
+
+def _forget_open_zips() -> None:
+    # A forked worker must not share the parent's file offsets: it opens its own handles.
+    _open_zips.clear()
+
+
+def _close_open_zips() -> None:
+    for archive in _open_zips.values():
+        archive.close()
+    _open_zips.clear()
 
 
 def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -69,12 +110,24 @@ def prepare_image_array(images: np.ndarray, size: int, channels: int) -> np.ndar
     return out
 
 
-def _decode_file(path: str, size: int, channels: int) -> np.ndarray | str:
+def _decode_file(source: ImageSource, size: int, channels: int) -> np.ndarray | str:
     """The decoded image, or why the file is not a usable image."""
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path) as image:
+        if isinstance(source, ZipMember):
+            try:
+                data = _read_zip_member(source)
+            except KeyError:
+                return "missing from the archive"
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # e.g. a CRC mismatch
+                return f"corrupt in the archive ({exc})"
+            if not data:
+                return "empty file (0 bytes)"
+            opened = Image.open(io.BytesIO(data))
+        else:
+            if os.path.getsize(source) == 0:
+                return "empty file (0 bytes)"
+            opened = Image.open(source)
+        with opened as image:
             image.load()  # decodes everything now, so a truncated file fails here
             return prepare_image(image, size, channels)
     except UnidentifiedImageError:
@@ -85,12 +138,13 @@ def _decode_file(path: str, size: int, channels: int) -> np.ndarray | str:
         return f"corrupt or truncated ({exc})"
 
 
-def _decode_chunk(task: tuple[list[str], int, int]) -> tuple[list[np.ndarray | None], list[str]]:
-    paths, size, channels = task
+def _decode_chunk(task: tuple[list[ImageSource], int, int]
+                  ) -> tuple[list[np.ndarray | None], list[str]]:
+    sources, size, channels = task
     images: list[np.ndarray | None] = []
     problems: list[str] = []
-    for path in paths:
-        result = _decode_file(path, size, channels)
+    for source in sources:
+        result = _decode_file(source, size, channels)
         images.append(None if isinstance(result, str) else result)
         problems.append(result if isinstance(result, str) else "")
     return images, problems
@@ -109,34 +163,41 @@ def _progress(results: Iterator, total: int, description: str) -> Iterator:
             yield chunk
 
 
-def decode_image_files(paths: Sequence[str | Path], size: int, channels: int,
+def decode_image_files(paths: Sequence[ImageSource], size: int, channels: int,
                        description: str = "Decoding images") -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode ``paths`` into uint8 ``[n_good, channels, size, size]``, in order.
+    """Decode ``paths`` (files, or :class:`ZipMember` s) into uint8 ``[n_good, channels, size,
+    size]``, in order.
 
-    Returns the images of the readable files and ``(path, reason)`` for every other file (the
-    caller decides, with :func:`report_bad_images`, whether that is an error). Large jobs run in
-    a pool of forked processes.
+    Returns the images of the readable files and ``(str(path), reason)`` for every other file
+    (the caller decides, with :func:`report_bad_images`, whether that is an error). Large jobs
+    run in a pool of forked processes.
     """
-    names = [str(p) for p in paths]
-    tasks = [(names[i:i + _FILES_PER_TASK], size, channels)
-             for i in range(0, len(names), _FILES_PER_TASK)]
+    sources = [p if isinstance(p, ZipMember) else str(p) for p in paths]
+    tasks = [(sources[i:i + _FILES_PER_TASK], size, channels)
+             for i in range(0, len(sources), _FILES_PER_TASK)]
     workers = min(os.cpu_count() or 1, 8)
     # Daemonic processes (e.g. DataLoader workers) may not have children; fork because spawn
     # would re-import torch in every worker, eating most of the gain.
-    use_pool = (workers > 1 and len(names) >= _POOL_MIN_FILES
+    use_pool = (workers > 1 and len(sources) >= _POOL_MIN_FILES
                 and not multiprocessing.current_process().daemon
                 and "fork" in multiprocessing.get_all_start_methods())
-    if use_pool:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            chunks = list(_progress(pool.imap(_decode_chunk, tasks), len(names), description))
-    else:
-        chunks = list(_progress(map(_decode_chunk, tasks), len(names), description))
+    try:
+        if use_pool:
+            _close_open_zips()  # none to share with the workers
+            with multiprocessing.get_context("fork").Pool(
+                    workers, initializer=_forget_open_zips) as pool:
+                chunks = list(_progress(pool.imap(_decode_chunk, tasks), len(sources),
+                                        description))
+        else:
+            chunks = list(_progress(map(_decode_chunk, tasks), len(sources), description))
+    finally:
+        _close_open_zips()
     good: list[np.ndarray] = []
     bad: list[tuple[str, str]] = []
-    for (task_paths, _, _), (images, problems) in zip(tasks, chunks, strict=True):
-        for path, image, problem in zip(task_paths, images, problems, strict=True):
+    for (task_sources, _, _), (images, problems) in zip(tasks, chunks, strict=True):
+        for source, image, problem in zip(task_sources, images, problems, strict=True):
             if image is None:
-                bad.append((path, problem))
+                bad.append((str(source), problem))
             else:
                 good.append(image)
     stacked = (np.stack(good) if good

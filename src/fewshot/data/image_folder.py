@@ -13,7 +13,7 @@ grayscale or RGB (``channels``) and resized to ``image_size`` once, then served 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from fewshot.data.class_images import (
     file_entries,
 )
 from fewshot.data.download import DatasetNotFoundError
-from fewshot.data.image_decoding import decode_image_files
+from fewshot.data.image_decoding import ImageSource, decode_image_files
 from fewshot.data.split_cache import StoredSplit, cache_root
 
 __all__ = ["ImageFolder", "decode_class_folders", "list_class_folders", "split_folders_of"]
@@ -61,9 +61,10 @@ def split_folders_of(root: Path) -> dict[str, Path] | None:
     return found or None
 
 
-def decode_class_folders(classes: dict[str, list[Path]], image_size: int, channels: int,
-                         description: str) -> StoredSplit:
-    """Decode every class's files into a :class:`StoredSplit`, recording unreadable files."""
+def decode_class_folders(classes: dict[str, Sequence[ImageSource]], image_size: int,
+                         channels: int, description: str) -> StoredSplit:
+    """Decode every class's files (or zip members) into a :class:`StoredSplit`, recording
+    unreadable files."""
     names = list(classes)
     files = [path for name in names for path in classes[name]]
     images, bad = decode_image_files(files, image_size, channels, description)
@@ -102,6 +103,9 @@ class ImageFolder(CachedClassImages):
         >>> ImageFolder("my_data", split="train", image_size=84, channels=3)  # doctest: +SKIP
         ImageFolder(split='train', classes=40, images=2400, image_size=84, channels=3)
     """
+
+    # Taken to be photos: decoded pixels scaled to [0, 1], nothing more.
+    preprocessing = {"invert": False, "mean": (0.0,), "std": (1.0,)}
 
     def __init__(self, root: str | Path, split: str = "train", class_split: str | Path | None = None,
                  image_size: int = 84, channels: int = 3, cache_dir: str | Path | None = None,

@@ -62,6 +62,7 @@ class MiniImageNet(CachedClassImages):
             ``~/.cache/fewshot``), so ``root`` may be read-only once extracted.
         skip_bad_images: leave unreadable image files out with one warning instead of failing.
         transform, target_transform: as in torchvision, applied per image / class id.
+        split_seed: accepted for a uniform interface; the class split is fixed.
 
     Example:
         >>> train = MiniImageNet("data/mini_imagenet", split="train")  # doctest: +SKIP
@@ -72,11 +73,14 @@ class MiniImageNet(CachedClassImages):
     pickle_name = "mini-imagenet-cache-{split}.pkl"
     expected_classes = {"train": 64, "val": 16, "test": 20}
     images_per_class = 600
+    # Photos: decoded pixels scaled to [0, 1], nothing more.
+    preprocessing = {"invert": False, "mean": (0.0,), "std": (1.0,)}
 
     def __init__(self, root: str | Path, split: str = "train", class_split: str | None = None,
                  image_size: int = 84, channels: int = 3, download: bool = False,
                  cache_dir: str | Path | None = None, skip_bad_images: bool = False,
-                 transform: Callable | None = None, target_transform: Callable | None = None) -> None:
+                 transform: Callable | None = None, target_transform: Callable | None = None,
+                 split_seed: int = 0) -> None:
         check_split_name(split)
         check_image_options(image_size, channels)
         if class_split not in (None, "ravi"):

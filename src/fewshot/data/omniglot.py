@@ -1,35 +1,31 @@
-"""Omniglot (Lake et al., 2015) as a map-style dataset, decoded once into a cached uint8 tensor."""
+"""Omniglot (Lake et al., 2015): 1623 handwritten characters of 20 drawings each.
+
+The images are read from the two official archives ``images_background.zip`` (964 characters)
+and ``images_evaluation.zip`` (659), or from their extracted folders, decoded once by the
+shared decoder (:mod:`~fewshot.data.image_decoding`: grayscale, LANCZOS-resized) and inverted
+so strokes are bright on a dark background, MAML's convention. All characters go into one
+cache (:mod:`~fewshot.data.split_cache`), from which every split and class split is served.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import multiprocessing
-import os
-import sys
-import tempfile
-import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
 
+from fewshot.data.class_images import SPLITS, CachedClassImages, check_split_name, file_entries
 from fewshot.data.download import DatasetNotFoundError, IntegrityError, download_url
+from fewshot.data.image_decoding import ImageSource, ZipMember
+from fewshot.data.image_folder import decode_class_folders
+from fewshot.data.split_cache import StoredSplit, cache_root
 
 __all__ = ["Omniglot"]
 
 PARTS = ("images_background", "images_evaluation")
-SPLITS = ("train", "val", "test")
-_CACHE_VERSION = 1
-# Below this many images a process pool costs more than it saves.
-_POOL_MIN_IMAGES = 4000
-_BATCH_CHARACTERS = 40
+_TURN_SUFFIXES = ("", "/rot90", "/rot180", "/rot270")
 
 
 @dataclass(frozen=True)
@@ -38,19 +34,23 @@ class _Source:
     path: Path
     is_zip: bool
 
+    def image(self, member: str) -> ImageSource:
+        """The image ``member`` (a name relative to ``path``'s folder, zip-style)."""
+        return ZipMember(str(self.path), member) if self.is_zip else self.path.parent / member
+
 
 def _list_source(source: _Source) -> dict[str, list[str]]:
     """Map "Alphabet/characterNN" to its sorted PNG member names (zip) or relative paths."""
-    found: dict[str, list[str]] = {}
     if source.is_zip:
         try:
-            with zipfile.ZipFile(source.path) as zf:
-                names = zf.namelist()
+            with zipfile.ZipFile(source.path) as archive:
+                names = archive.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise IntegrityError(f"{source.path} is not a readable zip archive: {exc}") from exc
     else:
         names = [p.relative_to(source.path.parent).as_posix()
                  for p in source.path.glob("*/*/*.png")]
+    found: dict[str, list[str]] = {}
     for name in names:
         parts = name.split("/")
         # Skips directory entries and OS junk such as __MACOSX/ or ._ resource forks.
@@ -60,84 +60,32 @@ def _list_source(source: _Source) -> dict[str, list[str]]:
     return {char: sorted(found[char]) for char in sorted(found)}
 
 
-def _decode_png(data: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        gray = img.convert("L")
-    if gray.size != (size, size):
-        gray = gray.resize((size, size), Image.LANCZOS)
-    # MAML's convention: strokes are bright on a dark background.
-    return 255 - np.asarray(gray, dtype=np.uint8)
+class Omniglot(CachedClassImages):
+    """Omniglot characters as classes, torchvision-style (see the module docstring).
 
+    Args:
+        root: folder holding ``images_background.zip`` and ``images_evaluation.zip`` or their
+            extracted folders; it may be read-only.
+        split: ``train``, ``val`` or ``test``.
+        class_split: ``maml`` (None too: the seeded 1100 / 100 / 423 character split of MAML's
+            code), ``lake`` (background = train, evaluation = test; no validation set) or a
+            folder holding ``train.txt``/``val.txt``/``test.txt``, one ``Alphabet/characterNN``
+            per line.
+        image_size: images are resized to ``image_size x image_size`` (28 in the literature).
+        rotations: serve each character 4 times, rotated by 0/90/180/270 degrees, as 4 classes
+            (default: for the train split only).
+        download: fetch the official archives (md5-checked) if missing.
+        cache_dir: writable folder for the decoded cache (default ``$FEWSHOT_CACHE_DIR`` or
+            ``~/.cache/fewshot``).
+        transform, target_transform: as in torchvision, applied per image / class id.
+        split_seed: seed of the ``maml`` split.
+        channels: 1; Omniglot is grayscale (accepted for a uniform interface).
+        skip_bad_images: leave unreadable PNGs out with one warning instead of failing.
 
-_open_zips: dict[str, zipfile.ZipFile] = {}
-
-
-def _read_member(path: str, is_zip: bool, member: str) -> bytes:
-    if not is_zip:
-        return (Path(path).parent / member).read_bytes()
-    # Re-opening a 20k-entry zip costs ~70 ms, so each process keeps its handles open.
-    zf = _open_zips.get(path)
-    if zf is None:
-        zf = _open_zips[path] = zipfile.ZipFile(path)
-    return zf.read(member)
-
-
-def _decode_batch(task: tuple[str, bool, list[list[str]], int]) -> np.ndarray:
-    path, is_zip, characters, size = task
-    return np.stack([
-        np.stack([_decode_png(_read_member(path, is_zip, m), size)[None] for m in members])
-        for members in characters
-    ])
-
-
-def _decode_characters(groups: list[tuple[_Source, list[list[str]]]], size: int) -> np.ndarray:
-    """Decode every character's images into uint8 [n_chars, n_images, 1, size, size]."""
-    tasks = [(str(src.path), src.is_zip, chars[i:i + _BATCH_CHARACTERS], size)
-             for src, chars in groups for i in range(0, len(chars), _BATCH_CHARACTERS)]
-    n_images = sum(len(members) for _, chars in groups for members in chars)
-    workers = min(os.cpu_count() or 1, 8)
-    # Daemonic processes (e.g. DataLoader workers) may not have children.
-    use_pool = (workers > 1 and n_images >= _POOL_MIN_IMAGES and not
-                multiprocessing.current_process().daemon and
-                "fork" in multiprocessing.get_all_start_methods())
-    results: list[np.ndarray] = []
-    try:
-        if use_pool:
-            # fork: spawn would re-import torch in every worker, eating most of the gain.
-            ctx = multiprocessing.get_context("fork")
-            # Forked children must not share the parent's zip file offsets, hence the clear.
-            with ctx.Pool(workers, initializer=_open_zips.clear) as pool:
-                results = list(_with_progress(pool.imap(_decode_batch, tasks), tasks))
-        else:
-            results = list(_with_progress(map(_decode_batch, tasks), tasks))
-    finally:
-        for zf in _open_zips.values():
-            zf.close()
-        _open_zips.clear()
-    return np.concatenate(results)
-
-
-def _with_progress(results: Iterator[np.ndarray], tasks: list) -> Iterator[np.ndarray]:
-    if not sys.stdout.isatty():
-        yield from results
-        return
-    from rich.progress import Progress
-
-    total = sum(len(t[2]) for t in tasks)
-    with Progress() as progress:
-        bar = progress.add_task("Decoding Omniglot characters", total=total)
-        for batch in results:
-            progress.advance(bar, len(batch))
-            yield batch
-
-
-class Omniglot(torch.utils.data.Dataset):
-    """Omniglot characters as classes, torchvision-style, with a fast per-class access path.
-
-    ``root`` holds ``images_background.zip`` and ``images_evaluation.zip`` or their extracted
-    folders. All 1623 characters are decoded once (grayscale, LANCZOS-resized, inverted so
-    strokes are 1.0) and cached as uint8 under ``cache_dir`` (default ``$FEWSHOT_CACHE_DIR`` or
-    ``~/.cache/fewshot``), so ``root`` may be read-only.
+    Example:
+        >>> train = Omniglot("data/omniglot", split="train", download=True)  # doctest: +SKIP
+        >>> len(train.classes), train.load_class_images(0, [0, 1]).shape  # doctest: +SKIP
+        (4400, torch.Size([2, 1, 28, 28]))
     """
 
     urls = {p: f"https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{p}.zip"
@@ -148,16 +96,21 @@ class Omniglot(torch.utils.data.Dataset):
     expected_characters = {"images_background": 964, "images_evaluation": 659}
     images_per_character = 20
     maml_split_sizes = (1100, 100, 423)
-    channels = 1
+    supported_channels = (1,)
+    # Strokes are stored bright on dark: a drawing (dark on white paper) must be inverted too.
+    preprocessing = {"invert": True, "mean": (0.0,), "std": (1.0,)}
 
-    def __init__(self, root: str | Path, split: str = "train", class_split: str | Path = "maml",
-                 image_size: int = 28, rotations: bool | None = None, download: bool = False,
+    def __init__(self, root: str | Path, split: str = "train",
+                 class_split: str | Path | None = "maml", image_size: int = 28,
+                 rotations: bool | None = None, download: bool = False,
                  cache_dir: str | Path | None = None, transform: Callable | None = None,
-                 target_transform: Callable | None = None, split_seed: int = 0) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+                 target_transform: Callable | None = None, split_seed: int = 0,
+                 channels: int = 1, skip_bad_images: bool = False) -> None:
+        check_split_name(split)
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        self.check_channels(channels)
+        class_split = "maml" if class_split is None else class_split
         if class_split == "lake" and split == "val":
             raise ValueError("class_split='lake' has no validation set (Lake's split is "
                              "background=train, evaluation=test); use 'maml' or a split folder")
@@ -166,7 +119,7 @@ class Omniglot(torch.utils.data.Dataset):
             raise ValueError(f"class_split must be 'maml', 'lake' or a directory holding "
                              f"train.txt/val.txt/test.txt; got {class_split!r}")
         self.root = Path(root).expanduser()
-        self.split, self.image_size = split, image_size
+        self.split, self.image_size, self.channels = split, image_size, channels
         self.rotations = split == "train" if rotations is None else bool(rotations)
         self.transform, self.target_transform = transform, target_transform
         self.class_split = class_split
@@ -176,18 +129,20 @@ class Omniglot(torch.utils.data.Dataset):
         names = [c for part in PARTS for c in listings[part]]
         if len(set(names)) != len(names):
             raise IntegrityError(f"{self.root}: background and evaluation share character names")
-        groups = [(sources[part], list(listings[part].values())) for part in PARTS]
-        cache_dir = cache_dir or os.environ.get("FEWSHOT_CACHE_DIR") or "~/.cache/fewshot"
-        images = self._cached_images(groups, names, Path(cache_dir).expanduser() / "omniglot")
+        self._use_cache(cache_root(cache_dir) / "omniglot", "omniglot", "all",
+                        self._fingerprint_entries(sources, listings),
+                        lambda: self._decode(sources, listings), skip_bad_images,
+                        f"Omniglot in {self.root}", classes=names)
 
         n_background = len(listings["images_background"])
         chosen = self._select(names, n_background, class_split, split_seed)
         self.characters = [names[i] for i in chosen]
-        self._images = torch.from_numpy(images[np.asarray(chosen, dtype=np.int64)])
-        n_rot = 4 if self.rotations else 1
-        suffixes = ["", "/rot90", "/rot180", "/rot270"][:n_rot]
-        self.classes = [c + s for c in self.characters for s in suffixes]
-        self.class_sizes = [self._images.shape[1]] * len(self.classes)
+        first_rows = self._first_rows[chosen]
+        sizes = [self.class_sizes[i] for i in chosen]
+        turns = range(4 if self.rotations else 1)
+        self._serve([c + _TURN_SUFFIXES[t] for c in self.characters for t in turns],
+                    [n for n in sizes for _ in turns], np.repeat(first_rows, len(turns)),
+                    np.tile(np.asarray(turns), len(chosen)) if self.rotations else None)
 
     def _locate(self, part: str) -> _Source | None:
         archive, folder = self.root / f"{part}.zip", self.root / part
@@ -223,27 +178,31 @@ class Omniglot(torch.utils.data.Dataset):
             )
         return listing
 
-    def _cache_path(self, groups: list[tuple[_Source, list[list[str]]]], cache_dir: Path) -> Path:
-        # Cheap to compute yet changes whenever the source does: zip name, size and mtime, or
-        # for extracted folders the full file list.
-        digest = hashlib.sha256(f"v{_CACHE_VERSION}".encode())
-        for src, chars in groups:
+    @staticmethod
+    def _fingerprint_entries(sources: dict[str, _Source],
+                             listings: dict[str, dict[str, list[str]]]) -> list[str]:
+        # Changes whenever the source does: the archives' names, sizes and modification times,
+        # or for extracted folders every file's.
+        entries = []
+        for part in PARTS:
+            src = sources[part]
             if src.is_zip:
                 st = src.path.stat()
-                digest.update(f"zip:{src.part}:{src.path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+                entries.append(f"zip:{part}:{src.path.name}:{st.st_size}:{st.st_mtime_ns}")
             else:
-                digest.update("\n".join(["dir", *(m for members in chars for m in members)]).encode())
-        return cache_dir / f"omniglot-{self.image_size}px-{digest.hexdigest()[:16]}.npz"
+                files = [src.path.parent / m for members in listings[part].values()
+                         for m in members]
+                entries += [f"dir:{part}", *file_entries(files, src.path.parent)]
+        return entries
 
-    def _cached_images(self, groups: list[tuple[_Source, list[list[str]]]], names: list[str],
-                       cache_dir: Path) -> np.ndarray:
-        path = self._cache_path(groups, cache_dir)
-        shape = (len(names), self.images_per_character, 1, self.image_size, self.image_size)
-        images = _load_cache(path, names, shape)
-        if images is None:
-            images = _decode_characters(groups, self.image_size)
-            _save_cache(path, images, names)
-        return images
+    def _decode(self, sources: dict[str, _Source],
+                listings: dict[str, dict[str, list[str]]]) -> StoredSplit:
+        characters = {name: [sources[part].image(m) for m in members]
+                      for part in PARTS for name, members in listings[part].items()}
+        stored = decode_class_folders(characters, self.image_size, 1, "Decoding Omniglot")
+        # MAML's convention: strokes are bright on a dark background.
+        np.subtract(255, stored.images, out=stored.images)
+        return stored
 
     def _select(self, names: list[str], n_background: int, class_split: str | Path,
                 seed: int) -> list[int]:
@@ -260,30 +219,6 @@ class Omniglot(torch.utils.data.Dataset):
             return sorted(int(i) for i in order[start:start + sizes[SPLITS.index(self.split)]])
         split_file = Path(class_split) / f"{self.split}.txt"
         return _read_split_file(split_file, {n: i for i, n in enumerate(names)})
-
-    def __len__(self) -> int:
-        return sum(self.class_sizes)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        class_id, image = divmod(index % len(self), self._images.shape[1])
-        target = self.target_transform(class_id) if self.target_transform else class_id
-        return self.load_class_images(class_id, [image])[0], target
-
-    def load_class_images(self, class_id: int, image_indices: Sequence[int] | Tensor) -> Tensor:
-        """float32 [k, 1, H, W] in [0, 1] for the given images of one class, rotated as needed."""
-        class_id = int(class_id)
-        if not 0 <= class_id < len(self.classes):
-            raise IndexError(f"class_id {class_id} out of range for {len(self.classes)} classes")
-        base, turns = divmod(class_id, 4) if self.rotations else (class_id, 0)
-        idx = torch.as_tensor(image_indices, dtype=torch.long)
-        images = self._images[base].index_select(0, idx).float().div_(255.0)
-        if turns:
-            images = torch.rot90(images, turns, dims=(-2, -1))
-        if self.transform is not None:
-            images = torch.stack([self.transform(img) for img in images])
-        return images
 
     def __repr__(self) -> str:
         return (f"Omniglot(split={self.split!r}, class_split={str(self.class_split)!r}, "
@@ -305,38 +240,3 @@ def _read_split_file(path: Path, index: dict[str, int]) -> list[int]:
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"{path}: some characters are listed more than once")
     return chosen
-
-
-def _load_cache(path: Path, names: list[str], shape: tuple[int, ...]) -> np.ndarray | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            images, cached_names = data["images"], data["names"]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        warnings.warn(f"Ignoring unreadable Omniglot cache {path} ({exc}); decoding again",
-                      stacklevel=3)
-        return None
-    # A fingerprint collision or an incomplete file must never be served as data.
-    if images.dtype != np.uint8 or images.shape != shape or cached_names.tolist() != names:
-        return None
-    return images
-
-
-def _save_cache(path: Path, images: np.ndarray, names: list[str]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        warnings.warn(f"Cannot write the Omniglot cache in {path.parent} ({exc}); "
-                      "the images will be decoded again next time", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, names=np.array(names, dtype=np.str_))
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"Failed to write the Omniglot cache {path} ({exc})", stacklevel=3)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -153,7 +153,7 @@ class _TasksOnThreads(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "the meta-gradient of tasks run on worker threads cannot be differentiated again "
-                "(create_graph=True): use batching='loop'")
+                "(create_graph=True): use the Loop executor (fewshot.execution.Loop)")
         if ctx.graphs is None:
             raise RuntimeError("trying to backward through the tasks run on worker threads a second "
                                "time: their graphs are freed after the first backward")

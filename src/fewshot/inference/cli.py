@@ -86,7 +86,8 @@ def run_adapt(args: argparse.Namespace) -> Predictions:
     report = {
         "checkpoint": str(learner.model_files.source),
         "trained_ways": learner.ways,
-        "head": "zero-initialised" if predictor.head_reset else "trained",
+        "head": ("none (prototypes)" if not predictor.model.algorithm.uses_head else
+                 "zero-initialised" if predictor.head_reset else "trained"),
         "classes": predictions.classes,
         "support": {name: labels.count(name) for name in predictions.classes},
         "steps": predictor.steps,
@@ -107,6 +108,7 @@ def _print(report: dict[str, Any], predictions: Predictions, top_k: int) -> None
         console = Console(highlight=False, width=100_000)
     counts = ", ".join(f"{name} ({count})" for name, count in report["support"].items())
     head = ("its trained head" if report["head"] == "trained" else
+            "class prototypes (no head)" if report["head"].startswith("none") else
             f"a zero-initialised {len(report['classes'])}-way head (trained for {report['trained_ways']})")
     console.print(f"Model: {report['checkpoint']}, adapting {head}")
     console.print(f"Support: {len(report['classes'])} classes, {sum(report['support'].values())} images: {counts}")

@@ -2,8 +2,9 @@
 
 A model only works on images prepared exactly like its training data: the datasets' decoding
 step (:func:`fewshot.data.image_decoding.prepare_image`: grayscale or RGB, LANCZOS-resized to
-``image_size``), then for Omniglot inverted so strokes are bright on a dark background, then
-scaled to ``[0, 1]``. :class:`Preprocessing` records those steps (it is stored in every export)
+``image_size``), then what the dataset class declares as its ``preprocessing`` (for Omniglot,
+inverted so strokes are bright on a dark background), then scaled to ``[0, 1]`` and
+normalised. :class:`Preprocessing` records those steps (it is stored in every export)
 and applies them to new images, so a drawing of dark strokes on white paper reaches an Omniglot
 model looking like the characters it was meta-trained on.
 """
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from fewshot.data.image_decoding import prepare_image
+from fewshot.data.registry import dataset_preprocessing
 
 ImageInput = str | Path | Image.Image | Tensor
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -61,13 +63,9 @@ class Preprocessing:
 
     @classmethod
     def for_dataset(cls, dataset: str, image_size: int, channels: int) -> Preprocessing:
-        """The preprocessing of a dataset fewshot trains on (see ``FewShotDataModule``)."""
-        if dataset not in DATASET_PREPROCESSING:
-            raise ValueError(
-                f"no preprocessing is known for dataset {dataset!r}; known: "
-                f"{sorted(DATASET_PREPROCESSING)} (add it to fewshot.images.DATASET_PREPROCESSING)"
-            )
-        return cls(channels=channels, image_size=image_size, **DATASET_PREPROCESSING[dataset])
+        """The preprocessing of a registered dataset (:mod:`fewshot.data.registry`), as its
+        class declares it."""
+        return cls(channels=channels, image_size=image_size, **dataset_preprocessing(dataset))
 
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
@@ -154,16 +152,6 @@ class Preprocessing:
             image = F.interpolate(image[None].float(), size=self.image_size, mode="bilinear",
                                   antialias=True, align_corners=False)[0]
         return image.float().contiguous()
-
-
-# Per dataset of fewshot.data, the preprocessing besides size and channels: every dataset
-# scales pixels to [0, 1]; Omniglot also inverts them (strokes bright on a dark background).
-DATASET_PREPROCESSING: dict[str, dict[str, Any]] = {
-    "omniglot": {"invert": True, "mean": (0.0,), "std": (1.0,)},
-    "mini_imagenet": {"invert": False, "mean": (0.0,), "std": (1.0,)},
-    "cifar_fs": {"invert": False, "mean": (0.0,), "std": (1.0,)},
-    "folder": {"invert": False, "mean": (0.0,), "std": (1.0,)},
-}
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

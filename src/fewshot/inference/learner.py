@@ -5,7 +5,7 @@
     predictions = predictor.predict(["unknown.png"])
     predictions.labels, predictions.probabilities                 # ["dog"], tensor [1, 2]
 
-(The README has the runnable version, executed by tests/test_predictor.py.)
+(The README has the runnable version, executed by tests/inference/test_learner.py.)
 
 Adaptation is the model's own evaluation inner loop (its algorithm's ``adapt``: the trained
 number of steps and learning rate unless overridden), so whatever the model learned to do at
@@ -215,6 +215,8 @@ class Learner:
         if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         uses_head = self._meta_learner(self.ways, False).algorithm.uses_head
+        if not uses_head:  # prototypes: there is no head to reset
+            reset_head = False
         if reset_head is None:
             reset_head = uses_head and len(classes) != self.ways
         steps = self.steps if steps is None else steps
@@ -227,7 +229,7 @@ class Learner:
         support_x = x.to(self.device)
         adapted = model.adapt(support_x, y, steps=steps, lr=lr)
         return Predictor(model, adapted, classes, support_x, self.preprocessing,
-                         self.batch_dependent, steps, lr, reset_head)
+                         self.batch_dependent, adapted.steps_taken, lr, reset_head)
 
     def save(self, directory: str | Path) -> Path:
         """Write this model as an export folder (safetensors + JSON) that :func:`load` reads."""

@@ -49,7 +49,12 @@ register_backbone(ResNet12, "fewshot.models.ResNet12")
 def _norm_settings(norm_layer: Any) -> dict[str, Any]:
     init_args: dict[str, Any] = {}
     if isinstance(norm_layer, partial):
-        norm_layer, init_args = norm_layer.func, dict(norm_layer.keywords)
+        init_args = dict(norm_layer.keywords)
+        # LightningCLI (jsonargparse) hands over
+        # partial(call_without_instantiate_context, instantiator, cls, **init_args).
+        classes = [a for a in norm_layer.args if isinstance(a, type)]
+        norm_layer = (norm_layer.func if isinstance(norm_layer.func, type) or not classes
+                      else classes[-1])
     name = f"{norm_layer.__module__}.{norm_layer.__qualname__}"
     if NORM_LAYERS.get(name) is not norm_layer:
         raise BackboneError(f"norm layer {name} is not one fewshot rebuilds from a file; "

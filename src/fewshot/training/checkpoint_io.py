@@ -151,6 +151,8 @@ def find_last_checkpoint(trainer: pl.Trainer, model: pl.LightningModule,
 
 def _settings(model: dict[str, Any], data: dict[str, Any] | None) -> tuple[dict, dict | None]:
     data = None if data is None else {k: v for k, v in data.items() if k not in MACHINE_SETTINGS}
+    # How the tasks run never changes what is computed: a run may resume with another executor.
+    model = {k: v for k, v in model.items() if k != "executor"}
     return model, data
 
 

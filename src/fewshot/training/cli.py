@@ -19,11 +19,11 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from fewshot.data.datamodule import FewShotDataModule
 from fewshot.data.download import DatasetNotFoundError, IntegrityError
 from fewshot.inference.checkpoints import describe_load_error
 from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throughput
 from fewshot.training.checkpoint_io import ResumableModelCheckpoint, find_last_checkpoint
+from fewshot.training.datamodule import FewShotDataModule
 from fewshot.training.module import MetaLearner
 from fewshot.training.observability import MetaGradientMonitor
 
@@ -50,9 +50,34 @@ TRAINER_DEFAULTS = {
 }
 
 
+def _configs_name_an_algorithm(argv: Sequence[str]) -> bool:
+    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+        if flag.startswith("--config="):
+            flag, value = "--config", flag.partition("=")[2]
+        if flag in ("-c", "--config") and value is not None and Path(value).is_file():
+            try:
+                config = yaml.safe_load(Path(value).read_text()) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                return True  # check_config_files names the file; do not guess here
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict) and model.get("algorithm") is not None:
+                return True
+    return False
+
+
+def _algorithm_options_without_class(argv: Sequence[str]) -> bool:
+    """Whether algorithm options are given but no class names the algorithm: the parser has
+    no default class (jsonargparse would carry a default's arguments over to another class
+    named later), so MAML, the default algorithm, is named for them."""
+    flags = [a.partition("=")[0] for a in argv]
+    options = any(f.startswith("--model.algorithm.") or f == "--inner_loop_steps" for f in flags)
+    return options and "--model.algorithm" not in flags and not _configs_name_an_algorithm(argv)
+
+
 def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
     """``--episode_classes=20`` -> ``--data.ways=20`` (and the other original-project flags)."""
     translated = []
+    needs_algorithm = _algorithm_options_without_class(argv)
     for argument in argv:
         if argument in LEGACY_SWITCHES:
             translated.append(LEGACY_SWITCHES[argument])
@@ -61,6 +86,11 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
         if flag == "--accelerator" and value.startswith("ddp"):  # Lightning 1.x spelling
             flag = "--trainer.strategy"
         translated.append(LEGACY_FLAGS.get(flag, flag) + separator + value)
+    if needs_algorithm:
+        # MAML's options (the original project's --inner_loop_steps among them) given without
+        # an algorithm class: the class must come first, right after the subcommand.
+        at = next((i + 1 for i, a in enumerate(translated) if a in ("fit", "validate", "test")), 0)
+        translated.insert(at, "--model.algorithm=fewshot.algorithms.MAML")
     return translated
 
 
@@ -78,9 +108,11 @@ class FewShotCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.backbone.init_args.image_size")
         parser.link_arguments("data.channels", "model.backbone.init_args.in_channels")
         parser.set_defaults({"model.backbone": {"class_path": "fewshot.models.Conv4"},
-                             "model.algorithm": {"class_path": "fewshot.algorithms.MAML"},
                              "model.inner_optimizer": {"class_path": "fewshot.core.inner_optimizers.SGD"},
                              "model.executor": {"class_path": "fewshot.execution.Auto"}})
+        # No default class for model.algorithm: jsonargparse would carry a default MAML's
+        # arguments over to another algorithm named later (MAML++ would get MAML's inner_lr).
+        # Unset, MetaLearner uses MAML(); configs name their algorithm.
         # NaN/Inf in the meta-loss or meta-gradient: stop or skip (fewshot.training.callbacks).
         parser.add_lightning_class_args(NonFinitePolicy, "nonfinite")
         # CSV and TensorBoard in one run folder, no setup needed (fewshot.loggers).

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from fewshot.algorithms import MAML, Adapted, Algorithm, build_algorithm
@@ -37,7 +38,9 @@ class MetaLearner(LightningModule):
 
     Args:
         backbone: feature extractor with an ``out_features`` attribute (default
-            :class:`~fewshot.models.Conv4`), or its recorded settings.
+            :class:`~fewshot.models.Conv4`). Here and for ``algorithm``, ``inner_optimizer``
+            and ``executor``, the settings a checkpoint recorded (``{"class_path",
+            "init_args"}``) are accepted too: that is how ``load_from_checkpoint`` rebuilds.
         ways: N, classes per task; the linear head has N outputs.
         algorithm: MAML (default), MAML++, Meta-SGD, ANIL, Reptile, ProtoNet, ...
         inner_optimizer: the differentiable inner optimizer (default SGD); see
@@ -54,11 +57,11 @@ class MetaLearner(LightningModule):
 
     def __init__(
         self,
-        backbone: nn.Module | dict | None = None,
+        backbone: nn.Module | None = None,
         ways: int = 5,
-        algorithm: Algorithm | dict | None = None,
-        inner_optimizer: InnerOptimizer | dict | None = None,
-        executor: Executor | dict | None = None,
+        algorithm: Algorithm | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
+        executor: Executor | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -238,6 +241,8 @@ def _backbone_record(backbone: nn.Module) -> dict[str, Any] | str:
     load time) when it cannot describe itself."""
     try:
         return backbone_settings(backbone)
-    except ValueError:
+    except ValueError as error:
+        rank_zero_warn(f"{error}; checkpoints will name the class only, and loading one needs "
+                       "the backbone passed again: MetaLearner.load_from_checkpoint(path, backbone=...)")
         cls = type(backbone)
         return f"{cls.__module__}.{cls.__qualname__}"

@@ -8,11 +8,20 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_maml import random_episodes, tiny_model
+from episodes_for_tests import random_episodes, relative_error, tiny_model
 from torch.func import vmap
 
-from fewshot.core.inner_optimizers import SGD, Adam, Momentum, clip_by_norm, make_inner_optimizer
-from fewshot.maml import InnerLoop, adapt, meta_batch_metrics
+from fewshot.algorithms import MAML
+from fewshot.core.inner_loop import InnerLoop, adapt
+from fewshot.core.inner_optimizers import (
+    INNER_OPTIMIZERS,
+    SGD,
+    Adam,
+    Momentum,
+    build_inner_optimizer,
+    clip_by_norm,
+)
+from fewshot.execution import Loop, Vmap, run_meta_batch
 
 
 def run_transform(optimizer, gradients: list[dict[str, torch.Tensor]], lr: float, params):
@@ -112,14 +121,13 @@ def test_transforms_run_under_vmap(optimizer):
     torch.testing.assert_close(batched, looped)
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("momentum", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
-    ("adam", lambda p: torch.optim.Adam(p, lr=0.05, eps=1e-8)),
-])
-def test_adapting_a_network_equals_torch_optim_on_a_copy(name, reference):
+@pytest.mark.parametrize("optimizer, reference", [
+    (Momentum(0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    (Adam(eps=1e-8, eps_inside_sqrt=False), lambda p: torch.optim.Adam(p, lr=0.05, eps=1e-8)),
+], ids=["momentum", "adam"])
+def test_adapting_a_network_equals_torch_optim_on_a_copy(optimizer, reference):
     model, task = tiny_model(), random_episodes(tasks=1)
     sx, sy = task.support_x[0], task.support_y[0]
-    optimizer = make_inner_optimizer(name, eps=1e-8, eps_inside_sqrt=False)
     params = {n: p.detach() for n, p in model.named_parameters()}
     ours = adapt(model, params, sx, sy, steps=3, lr=0.05, first_order=True, inner=InnerLoop(optimizer))
     copied = copy.deepcopy(model)
@@ -134,24 +142,47 @@ def test_adapting_a_network_equals_torch_optim_on_a_copy(name, reference):
         torch.testing.assert_close(ours[n], p.detach(), rtol=1e-10, atol=1e-8)
 
 
-def test_make_inner_optimizer_names_bad_values():
-    with pytest.raises(ValueError, match="inner_optimizer must be"):
-        make_inner_optimizer("rmsprop")
+def test_inner_optimizers_by_name_and_settings_and_bad_values():
+    assert set(INNER_OPTIMIZERS) == {"sgd", "momentum", "adam"}
+    assert build_inner_optimizer("sgd") == SGD()
+    assert build_inner_optimizer("momentum") == Momentum(0.9)
+    assert build_inner_optimizer("adam") == Adam(0.9, 0.999, 1e-3, True)
+    for optimizer in (SGD(), Momentum(0.5), Adam(0.5, 0.9, 1e-4, eps_inside_sqrt=False)):
+        assert build_inner_optimizer(optimizer.settings()) == optimizer  # checkpoints rebuild it
+    assert Adam(0.5) != Adam(0.6) and Momentum(0.5) != Adam()
+    with pytest.raises(ValueError, match="'rmsprop'"):
+        build_inner_optimizer("rmsprop")
+    with pytest.raises(ValueError, match="cannot build inner_optimizer"):
+        build_inner_optimizer({"class_path": "fewshot.core.inner_optimizers.adam.Adam",
+                               "init_args": {"momentum": 0.9}})
     with pytest.raises(ValueError, match="momentum"):
-        make_inner_optimizer("momentum", momentum=1.5)
+        Momentum(1.5)
     with pytest.raises(ValueError, match="eps"):
-        make_inner_optimizer("adam", eps=0.0)
+        Adam(eps=0.0)
+    with pytest.raises(ValueError, match="beta1"):
+        Adam(beta1=1.0)
+    with pytest.raises(ValueError, match="beta2"):
+        Adam(beta2=-0.1)
 
 
 @pytest.mark.parametrize("optimizer", [Momentum(0.9), Adam()])
 def test_vmap_and_loop_agree_for_every_optimizer_in_float64(optimizer):
     model, batch = tiny_model(), random_episodes()
-    inner = InnerLoop(optimizer, max_grad_norm=0.5)
+    algorithm = MAML(inner_steps=3, inner_lr=0.05, inner_max_grad_norm=0.5)
+    algorithm.build(model, optimizer)
+    assert algorithm.inner_loop() == InnerLoop(optimizer, 0.5, None)
     results = []
-    for batching in ("vmap", "loop"):
+    for executor in (Vmap(), Loop()):
         params = dict(model.named_parameters())
-        losses, _, _ = meta_batch_metrics(model, params, batch, steps=3, lr=0.05, inner=inner,
-                                          batching=batching)
-        results.append(torch.autograd.grad(losses[:, -1].mean(), list(params.values())))
-    for a, b in zip(*results, strict=True):
+        outputs = run_meta_batch(algorithm, model, batch, executor, training=True)
+        loss = algorithm.meta_loss(outputs, epoch=0)
+        results.append((loss, torch.autograd.grad(loss, list(params.values()))))
+    (vmap_loss, vmapped), (loop_loss, looped) = results
+    assert vmap_loss.item() == pytest.approx(loop_loss.item(), rel=1e-12)
+    for a, b in zip(vmapped, looped, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    # The optimizer is really used: plain SGD gives another meta-gradient.
+    sgd = MAML(inner_steps=3, inner_lr=0.05, inner_max_grad_norm=0.5)
+    sgd.build(model)
+    loss = sgd.meta_loss(run_meta_batch(sgd, model, batch, Loop(), training=True), epoch=0)
+    assert relative_error(torch.autograd.grad(loss, list(model.parameters())), looped) > 1e-3

@@ -7,13 +7,22 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from numbered_images import NumberedImages
 
-from fewshot.data.datamodule import FewShotDataModule
+from fewshot.algorithms import MAML, MAMLPlusPlus
 from fewshot.data.episodes import TEST_STREAM, EvaluationEpisodes, MetaBatches
+from fewshot.execution import Loop
 from fewshot.models import Conv4
+from fewshot.training.datamodule import FewShotDataModule
 from fewshot.training.module import MetaLearner
 
-MAMLPP = dict(multi_step_loss=True, multi_step_loss_epochs=5, learn_inner_lr=True,
-              per_step_bn_weights=True, batch_norm="per_step_running")
+ALGORITHMS = {
+    "maml": lambda: MAML(inner_steps=2, inner_lr=0.4),
+    # Everything of MAML++ that adds state shared over processes: learned per-step rates,
+    # per-step batch-norm weights and running statistics (gathered over the processes).
+    "mamlpp": lambda: MAMLPlusPlus(inner_steps=2, inner_lr=0.4, multi_step_loss=True,
+                                   multi_step_loss_epochs=5, learned_rates="per_tensor",
+                                   derivative_order_annealing=False, per_step_bn_weights=True,
+                                   batch_norm="per_step_running"),
+}
 
 
 def test_shards_of_a_meta_batch_are_the_single_process_batch():
@@ -53,13 +62,14 @@ class Recorder(Callback):
             torch.save({"gradients": self.gradients, "weights": weights}, self.path)
 
 
-def one_meta_step(fake_omniglot, tmp_path, devices: int, switches: dict) -> dict:
+def one_meta_step(fake_omniglot, tmp_path, devices: int, algorithm: str) -> dict:
     root, cache = fake_omniglot
     data = FewShotDataModule(root=str(root), cache_dir=str(cache), ways=3, queries=2,
                              meta_batch_size=4, eval_queries=2, val_episodes=2, test_episodes=2,
                              steps_per_epoch=5, image_size=28)
     torch.manual_seed(0)
-    model = MetaLearner(Conv4(1, 4, 28), ways=3, inner_steps=2, batching="loop", **switches)
+    model = MetaLearner(Conv4(1, 4, 28), ways=3, algorithm=ALGORITHMS[algorithm](),
+                        executor=Loop())
     path = tmp_path / f"result-{devices}.pt"
     trainer = Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
@@ -74,10 +84,12 @@ def one_meta_step(fake_omniglot, tmp_path, devices: int, switches: dict) -> dict
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["maml", "mamlpp"])
 def test_two_processes_match_one_process(fake_omniglot, tmp_path, algorithm):
-    switches = MAMLPP if algorithm == "mamlpp" else {}
-    single = one_meta_step(fake_omniglot, tmp_path, 1, switches)
-    double = one_meta_step(fake_omniglot, tmp_path, 2, switches)
+    single = one_meta_step(fake_omniglot, tmp_path, 1, algorithm)
+    double = one_meta_step(fake_omniglot, tmp_path, 2, algorithm)
     assert single["gradients"].keys() == double["gradients"].keys()
+    if algorithm == "mamlpp":  # the learned rates and per-step statistics are compared too
+        assert any(name.startswith("algorithm.inner_lrs.") for name in single["gradients"])
+        assert any("running_mean" in name for name in single["weights"])
     for name, gradient in single["gradients"].items():
         assert gradient.dtype == torch.float64
         torch.testing.assert_close(double["gradients"][name], gradient, rtol=1e-9, atol=1e-12,

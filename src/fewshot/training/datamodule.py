@@ -9,7 +9,6 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from fewshot.data.augmentation import Augmentation, AugmentPer
-from fewshot.data.cifar_fs import CIFARFS
 from fewshot.data.class_images import check_disjoint_splits
 from fewshot.data.episodes import (
     TEST_STREAM,
@@ -19,12 +18,9 @@ from fewshot.data.episodes import (
     MetaBatches,
     StepSampler,
 )
-from fewshot.data.image_folder import ImageFolder
-from fewshot.data.mini_imagenet import MiniImageNet
-from fewshot.data.omniglot import Omniglot
+from fewshot.data.registry import DATASETS, dataset_class
 
-DATASETS = {"omniglot": Omniglot, "mini_imagenet": MiniImageNet, "cifar_fs": CIFARFS,
-            "folder": ImageFolder}
+__all__ = ["DATASETS", "FewShotDataModule", "default_root"]
 
 
 def default_root(dataset: str) -> Path:
@@ -40,7 +36,8 @@ class FewShotDataModule(LightningDataModule):
     per meta-batch) is ``meta_batch_size``.
 
     Args:
-        dataset: ``omniglot``, ``mini_imagenet``, ``cifar_fs`` or ``folder`` (your own images,
+        dataset: a name in :data:`fewshot.data.registry.DATASETS`: ``omniglot``,
+            ``mini_imagenet``, ``cifar_fs`` or ``folder`` (your own images,
             ``root/{train,val,test}/<class>/<images>`` or ``root/<class>/<images>``).
         root: folder with the dataset's archives or extracted folders (default: see
             :func:`default_root`).
@@ -99,12 +96,7 @@ class FewShotDataModule(LightningDataModule):
         augment_per: AugmentPer = "image",
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-        if dataset == "omniglot" and channels != 1:
-            raise ValueError(f"Omniglot images have 1 channel, got channels={channels}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        dataset_class(dataset).check_channels(channels)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
@@ -117,15 +109,11 @@ class FewShotDataModule(LightningDataModule):
     def _load_split(self, split: str, download: bool = False) -> ClassImages:
         hp = self.hparams
         if split not in self._splits:
-            options = dict(split=split, class_split=hp.class_split, image_size=hp.image_size,
-                           download=download, cache_dir=hp.cache_dir)
-            if hp.dataset in ("omniglot", "folder"):
-                options["split_seed"] = hp.split_seed
-            if hp.dataset != "omniglot":
-                options.update(channels=hp.channels, skip_bad_images=hp.skip_bad_images)
-            if hp.dataset == "omniglot" and hp.class_split is None:
-                options["class_split"] = "maml"
-            dataset = DATASETS[hp.dataset](self.root, **options)
+            # Every registered dataset takes these options (fewshot.data.class_images).
+            dataset = dataset_class(hp.dataset)(
+                self.root, split=split, class_split=hp.class_split, image_size=hp.image_size,
+                channels=hp.channels, download=download, cache_dir=hp.cache_dir,
+                skip_bad_images=hp.skip_bad_images, split_seed=hp.split_seed)
             self._splits[split] = dataset
             # Splits built separately (e.g. from pickles) must not share classes either.
             check_disjoint_splits(

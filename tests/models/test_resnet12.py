@@ -7,17 +7,20 @@ import doctest
 
 import pytest
 import torch
-from test_maml import random_episodes
+from episodes_for_tests import random_episodes, relative_error
 
 import fewshot.models.resnet12
-from fewshot.training.cli import build_cli, main
-from fewshot.core.episode import Episodes
-from fewshot.maml import meta_batch_metrics
+from fewshot.algorithms import MAML, MAMLPlusPlus
 from fewshot.algorithms.mamlpp import use_per_step_batch_norm
+from fewshot.cli import main
+from fewshot.core.episode import Episodes
+from fewshot.execution import Loop, Vmap, run_meta_batch
 from fewshot.models import FewShotClassifier, ResNet12, TransductiveBatchNorm2d
 from fewshot.models.per_step_batch_norm import PerStepBatchNorm2d
+from fewshot.training.cli import build_cli
 from fewshot.training.module import MetaLearner
 
+EXECUTORS = {"vmap": Vmap, "loop": Loop}
 TINY = (4, 8, 8, 16)
 
 
@@ -42,18 +45,13 @@ def tiny_network(ways: int = 3, seed: int = 0) -> FewShotClassifier:
     return network
 
 
-def meta_gradient(network, episodes, batching: str, steps: int = 2):
-    params = dict(network.named_parameters())
-    losses, _, statistics = meta_batch_metrics(network, params, episodes, steps=steps, lr=0.1,
-                                               batching=batching)
-    loss = losses[:, -1].mean()
-    return loss, torch.autograd.grad(loss, list(params.values())), statistics
-
-
-def relative_error(actual, expected) -> float:
-    a = torch.cat([g.flatten() for g in actual])
-    e = torch.cat([g.flatten() for g in expected])
-    return ((a - e).norm() / e.norm()).item()
+def meta_gradient(network, episodes, executor: str, steps: int = 2, first_order: bool = False):
+    """MAML's meta-loss, meta-gradient and per-task results on ``network`` (built here)."""
+    maml = MAML(inner_steps=steps, inner_lr=0.1, first_order=first_order)
+    maml.build(network)
+    results = run_meta_batch(maml, network, episodes, EXECUTORS[executor]())
+    loss = maml.meta_loss(results, epoch=0)
+    return loss, torch.autograd.grad(loss, list(network.parameters())), results
 
 
 def test_standard_network_maps_84x84_to_5x5x640_and_640_features():
@@ -106,14 +104,9 @@ def test_docstring_example_runs():
 @pytest.mark.parametrize("first_order", [False, True])
 def test_vmap_and_loop_give_the_same_meta_gradient(first_order):
     network, episodes = tiny_network(), random_episodes(tasks=2, shots=1)
-    params = dict(network.named_parameters())
-    results = {}
-    for batching in ("vmap", "loop"):
-        losses, _, _ = meta_batch_metrics(network, params, episodes, steps=2, lr=0.1,
-                                          first_order=first_order, batching=batching)
-        loss = losses[:, -1].mean()
-        results[batching] = loss, torch.autograd.grad(loss, list(params.values()))
-    (vmap_loss, vmap_grads), (loop_loss, loop_grads) = results["vmap"], results["loop"]
+    (vmap_loss, vmap_grads, _), (loop_loss, loop_grads, _) = (
+        meta_gradient(network, episodes, executor, first_order=first_order)
+        for executor in ("vmap", "loop"))
     assert vmap_loss.item() == pytest.approx(loop_loss.item(), rel=1e-12)
     assert relative_error(vmap_grads, loop_grads) < 1e-8
     assert all(g.abs().sum() > 0 for g in loop_grads)  # every parameter is meta-learned
@@ -130,32 +123,37 @@ def test_per_step_batch_norm_replaces_all_sixteen_norms():
     # Every slot starts from the shared values (copied through float32), so the unadapted
     # network computes what it did.
     torch.testing.assert_close(network(episodes.query_x[0]), before, rtol=1e-5, atol=1e-5)
-    vmap_loss, vmap_grads, statistics = meta_gradient(network, episodes, "vmap")
-    loop_loss, loop_grads, _ = meta_gradient(network, episodes, "loop")
+    vmap_loss, vmap_grads, results = meta_gradient(network, episodes, "vmap")
+    loop_loss, loop_grads, loop_results = meta_gradient(network, episodes, "loop")
     assert vmap_loss.item() == pytest.approx(loop_loss.item(), rel=1e-12)
     assert relative_error(vmap_grads, loop_grads) < 1e-8
-    recorded = {key.split("/")[0] for key in statistics if not key.startswith("inner_grad_norm")}
-    assert recorded == {norm.key for norm in norms}
+    statistics = results.batch_norm_statistics
+    assert {key.split("/")[0] for key in statistics} == {norm.key for norm in norms}
+    assert statistics.keys() == loop_results.batch_norm_statistics.keys()
+    for key, value in loop_results.batch_norm_statistics.items():
+        torch.testing.assert_close(statistics[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    assert all(key.startswith("inner_grad_norm/") for key in results.diagnostics)
     network.eval()  # queries now use the (untouched) running statistics of their slot
-    params = {name: p.detach() for name, p in network.named_parameters()}
-    with torch.enable_grad():
-        losses, _, _ = meta_batch_metrics(network, params, episodes, steps=2, lr=0.1,
-                                          batching="vmap")
-    assert torch.isfinite(losses).all()
+    maml = MAML(inner_steps=2, inner_lr=0.1)
+    maml.build(network)
+    evaluated = run_meta_batch(maml, network, episodes, Vmap(), training=False)
+    assert evaluated.losses.shape == (2, 3) and torch.isfinite(evaluated.losses).all()
 
 
 @pytest.mark.parametrize("mamlpp", [False, True])
 def test_meta_learner_training_step_gives_finite_gradients(mamlpp):
     torch.manual_seed(0)
-    switches = dict(per_step_bn_weights=True, batch_norm="per_step_running",
-                    learn_inner_lr=True, multi_step_loss=True) if mamlpp else {}
-    learner = MetaLearner(backbone=ResNet12(1, TINY, image_size=16), ways=3, inner_steps=2,
-                          inner_lr=0.1, **switches)
+    algorithm = MAMLPlusPlus(inner_steps=2, inner_lr=0.1, per_step_bn_weights=True,
+                             batch_norm="per_step_running", learned_rates="per_tensor",
+                             multi_step_loss=True, derivative_order_annealing=False) if mamlpp \
+        else MAML(inner_steps=2, inner_lr=0.1)
+    learner = MetaLearner(backbone=ResNet12(1, TINY, image_size=16), ways=3, algorithm=algorithm)
     batch = random_episodes(tasks=2)
     batch = Episodes(batch.support_x.float(), batch.support_y, batch.query_x.float(), batch.query_y)
-    loss, metrics, first_order = learner.meta_loss(batch, epoch=0)
+    loss, results = learner.meta_loss(batch, epoch=0)
     loss.backward()
-    assert torch.isfinite(loss) and not first_order
+    assert torch.isfinite(loss) and not learner.algorithm.first_order_at(0)
+    assert results.objective.shape == (2, 3 if mamlpp else 1)  # MSL scores every step
     gradients = {name: p.grad for name, p in learner.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in gradients.values())
     assert gradients["network.features.blocks.0.conv1.weight"].abs().sum() > 0
@@ -178,7 +176,7 @@ def test_fewshot_fit_accepts_the_backbone(fake_omniglot, tmp_path):
           "--data.queries=2", "--data.meta_batch_size=2", "--data.eval_queries=2",
           "--data.val_episodes=2", "--data.steps_per_epoch=1",
           "--model.backbone=fewshot.models.ResNet12", f"--model.backbone.channels={list(TINY)}",
-          "--model.batching=loop", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+          "--model.executor=fewshot.execution.Loop", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
           f"--trainer.default_root_dir={tmp_path}",
           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
           "--trainer.enable_model_summary=false"])

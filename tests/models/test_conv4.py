@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from test_maml import random_episodes, relative_error, tiny_model
+from episodes_for_tests import random_episodes, relative_error, tiny_model
 
-from fewshot.maml import meta_batch_metrics
+from fewshot.algorithms import MAML
+from fewshot.execution import Loop, Vmap, run_meta_batch
 
 
 def relu_then_pool(model, params, x):
@@ -39,7 +40,9 @@ def test_pooling_first_gives_maml_second_order_meta_gradient():
             fast = [w - 0.4 * g for w, g in zip(fast, torch.autograd.grad(loss, fast, create_graph=True), strict=True)]
         total = total + F.cross_entropy(relu_then_pool(model, dict(zip(names, fast, strict=True)), qx), qy)
     expected = torch.autograd.grad(total / episodes.num_tasks, values)
-    for batching in ("loop", "vmap"):
-        losses, _, _ = meta_batch_metrics(model, params, episodes, steps=2, lr=0.4, batching=batching)
-        actual = torch.autograd.grad(losses[:, -1].mean(), values)
-        assert relative_error(actual, expected) < 1e-10, batching
+    algorithm = MAML(inner_steps=2, inner_lr=0.4)
+    algorithm.build(model)
+    for executor in (Loop(), Vmap()):
+        results = run_meta_batch(algorithm, model, episodes, executor, training=True)
+        actual = torch.autograd.grad(algorithm.meta_loss(results, epoch=0), values)
+        assert relative_error(actual, expected) < 1e-10, executor

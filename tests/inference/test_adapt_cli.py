@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from tiny_runs import TRAINED_WAYS, trained_once, write_task
 
 import fewshot
 from fewshot.cli import main
+
+FORMAT1 = Path(__file__).resolve().parents[1] / "fixtures" / "format1"
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +75,31 @@ def test_an_export_adapts_exactly_like_its_checkpoint(run, task, tmp_path, capsy
     support, query = task
     main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "model")])
     assert "Exported" in capsys.readouterr().out
+    metadata = json.loads((tmp_path / "model" / "fewshot.json").read_text())
+    assert metadata["format_version"] == 2 and metadata["ways"] == TRAINED_WAYS
+    assert metadata["algorithm"]["class_path"] == "fewshot.algorithms.maml.MAML"
     outputs = {}
     for name, checkpoint in (("ckpt", run), ("export", tmp_path / "model")):
         outputs[name] = tmp_path / f"{name}.json"
         adapt("--checkpoint", checkpoint, "--support", support, "--query", query, "--output", outputs[name])
     first, second = (json.loads(outputs[n].read_text())["predictions"] for n in ("ckpt", "export"))
     assert first == second
+
+
+def test_a_format1_export_adapts_and_is_exported_as_format2(task, tmp_path, capsys):
+    support, query = task
+    adapt("--checkpoint", FORMAT1 / "anil_meta_sgd", "--support", support, "--query", query,
+          "--output", tmp_path / "old.json")
+    assert "learning rate learned per step" in capsys.readouterr().out  # Meta-SGD rates
+    main(["export", "--checkpoint", str(FORMAT1 / "anil_meta_sgd"), "--output", str(tmp_path / "new")])
+    metadata = json.loads((tmp_path / "new" / "fewshot.json").read_text())
+    assert metadata["format_version"] == 2 and metadata["upgraded_from_format"] == 1
+    assert metadata["algorithm"]["class_path"] == "fewshot.algorithms.anil.ANIL"
+    assert metadata["inner_optimizer"]["class_path"] == "fewshot.core.inner_optimizers.adam.Adam"
+    adapt("--checkpoint", tmp_path / "new", "--support", support, "--query", query,
+          "--output", tmp_path / "new.json")
+    old, new = (json.loads((tmp_path / f"{n}.json").read_text())["predictions"] for n in ("old", "new"))
+    assert old == new
 
 
 def test_more_classes_than_the_head_and_unequal_shots_work(run, fake_omniglot, tmp_path, capsys):

@@ -10,10 +10,13 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
-from fewshot.cli import main, translate_legacy_flags
-from fewshot.data.datamodule import FewShotDataModule
-from fewshot.training.loggers import RunLogger
+from fewshot.algorithms import MAML, MetaSGD
+from fewshot.cli import main
 from fewshot.models import Conv4
+from fewshot.training.callbacks import TestResultsWriter
+from fewshot.training.cli import translate_legacy_flags
+from fewshot.training.datamodule import FewShotDataModule
+from fewshot.training.loggers import RunLogger
 from fewshot.training.module import MetaLearner
 from fewshot.training.observability import MetaGradientMonitor, log_magnitude_histogram
 from fewshot.training.report import write_report
@@ -27,20 +30,23 @@ class GradientRecorder(Callback):
         self.gradients.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
 
 
-def tiny_fit(fake_omniglot, tmp_path, **model_options):
+def tiny_fit(fake_omniglot, tmp_path, algorithm=None):
+    """Three meta-steps of 2-step MAML (or ``algorithm``) on 3-way tasks, then a test."""
     root, cache = fake_omniglot
     data = FewShotDataModule(root=str(root), cache_dir=str(cache), ways=3, queries=2,
                              meta_batch_size=2, eval_queries=2, val_episodes=2, test_episodes=3,
                              steps_per_epoch=3, image_size=28)
     torch.manual_seed(0)
-    model = MetaLearner(Conv4(1, 4, 28), ways=3, inner_steps=2, **model_options)
+    algorithm = MAML(inner_steps=2) if algorithm is None else algorithm
+    model = MetaLearner(Conv4(1, 4, 28), ways=3, algorithm=algorithm)
     recorder = GradientRecorder()
     logger = RunLogger(save_dir=str(tmp_path), name="runs")
     trainer = Trainer(max_steps=3, default_root_dir=tmp_path, logger=logger, inference_mode=False,
                       enable_progress_bar=False, enable_checkpointing=False, log_every_n_steps=1,
                       val_check_interval=3,
                       callbacks=[MetaGradientMonitor(2.0, log_every_n_steps=1,
-                                                     histogram_every_n_steps=1), recorder])
+                                                     histogram_every_n_steps=1), recorder,
+                                 TestResultsWriter()])
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data)
     return trainer, recorder
@@ -67,19 +73,19 @@ def test_meta_gradient_norms_equal_a_hand_computation(fake_omniglot, tmp_path):
 def test_loggers_write_csv_tensorboard_and_histograms(fake_omniglot, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tiny_fit(fake_omniglot, tmp_path, learn_inner_lr=True)
+    tiny_fit(fake_omniglot, tmp_path, MAML(inner_steps=2, learned_rates="per_tensor"))
     run = tmp_path / "runs" / "version_0"
     columns = read_csv(run / "metrics.csv")[0].keys()
     for name in ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc",
-                 "inner_lr/head-weight/step_1"):
+                 "inner_lr/head.weight/step_1", "inner_lr/features.blocks.0.weight/step_0"):
         assert name in columns, name
     events = EventAccumulator(str(run), size_guidance={"histograms": 0}).Reload()
     assert len(events.Scalars("train/loss")) == 3
     assert "meta_grad/network.head.weight" in events.Tags()["histograms"]
     records = [json.loads(line) for line in (run / "histograms.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
-    total = sum(p.numel() for p in MetaLearner(Conv4(1, 4, 28), 3, learn_inner_lr=True,
-                                               inner_steps=2).parameters())
+    total = sum(p.numel() for p in MetaLearner(
+        Conv4(1, 4, 28), 3, MAML(inner_steps=2, learned_rates="per_tensor")).parameters())
     assert sum(records[0]["meta_grad"]) == total  # every gradient entry counted once
 
 
@@ -91,7 +97,7 @@ def test_log_magnitude_histogram_bins():
 
 
 def test_report_draws_every_figure_of_a_real_run(fake_omniglot, tmp_path, capsys):
-    tiny_fit(fake_omniglot, tmp_path, learn_inner_lr=True)
+    tiny_fit(fake_omniglot, tmp_path, MAML(inner_steps=2, learned_rates="per_tensor"))
     run = tmp_path / "runs" / "version_0"
     capsys.readouterr()  # drop the training output
     main(["report", str(tmp_path / "runs")])  # the parent folder finds the newest run
@@ -128,7 +134,7 @@ def test_original_project_flags_for_observability():
 
 
 def test_nonfinite_gradients_are_left_out_of_histograms_instead_of_crashing(tmp_path):
-    """A step that nonfinite=skip will skip still reaches the histogram callbacks first."""
+    """A step that --nonfinite.policy skip will skip still reaches the histogram callbacks first."""
     from fewshot.training.loggers import log_histogram
     from fewshot.training.observability import log_magnitude_histogram
 
@@ -141,7 +147,11 @@ def test_nonfinite_gradients_are_left_out_of_histograms_instead_of_crashing(tmp_
 
 
 def test_meta_sgd_rates_are_logged_as_each_steps_mean(fake_omniglot, tmp_path):
-    trainer, _ = tiny_fit(fake_omniglot, tmp_path, meta_sgd=True, inner_lr=0.3)
+    trainer, _ = tiny_fit(fake_omniglot, tmp_path, MetaSGD(inner_steps=2, inner_lr=0.3))
     rows = read_csv(tmp_path / "runs" / "version_0" / "metrics.csv")
-    logged = [float(r["inner_lr/head-weight/step_1"]) for r in rows if r.get("inner_lr/head-weight/step_1")]
-    assert logged and logged[0] == pytest.approx(0.3, abs=0.01)  # starts at inner_lr
+    logged = [float(r["inner_lr/head.weight/step_1"]) for r in rows if r.get("inner_lr/head.weight/step_1")]
+    assert len(logged) == 3 and logged[0] == pytest.approx(0.3, abs=0.01)  # starts at inner_lr
+    # The last value logged is the mean over the entries of the rates at that step.
+    rates = trainer.lightning_module.algorithm.meta_parameters(detach=True)["head.weight"]
+    assert rates.shape[0] == 2 and rates.shape[1:] == (3, 4 * 1 * 1)  # [steps, *head.weight]
+    assert len({round(v, 9) for v in logged}) > 1  # the rates are learned: they moved

@@ -17,14 +17,15 @@ from torch import nn
 
 import fewshot
 import fewshot.cli
+from fewshot.algorithms import MAML, Adapted
+from fewshot.core.inner_optimizers import SGD
 from fewshot.data.omniglot import Omniglot
-from fewshot.inference.export import ModelFiles, make_metadata
+from fewshot.inference.export import AdaptableModel, ModelFiles, make_metadata
 from fewshot.inference.images import ImageError, Preprocessing
-from fewshot.models import Conv4
-from fewshot.training.module import MetaLearner
 from fewshot.inference.learner import Learner
+from fewshot.models import Conv4, FewShotClassifier
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +50,11 @@ def test_predictions_are_the_models_own_adapt_and_predict(learner):
     assert predictions.classes == ["b", "a", "c"]  # order of first appearance
     assert not predictor.head_reset and predictor.steps == 2 == learner.steps
     model = learner._meta_learner(TRAINED_WAYS, reset_head=False)
-    params = model.adapt(support, torch.tensor([0, 1, 2, 0, 1, 2]))
-    expected = model.predict_logits(params, query).softmax(dim=1)
+    adapted = model.adapt(support, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert isinstance(predictor.adapted, Adapted) and predictor.adapted.steps_taken == 2
+    assert predictor.adapted.params.keys() == adapted.params.keys()
+    assert all(torch.equal(predictor.adapted.params[n], p) for n, p in adapted.params.items())
+    expected = model.predict_logits(adapted, query).softmax(dim=1)
     assert torch.equal(predictions.probabilities, expected)
     assert predictions.labels == [predictions.classes[i] for i in expected.argmax(1).tolist()]
     assert predictions.confidences == expected.max(1).values.tolist()
@@ -130,17 +134,23 @@ def test_transductive_batches_are_reported_and_one_at_a_time_is_independent(lear
     first = predictor.predict(query[:1], one_at_a_time=True).probabilities
     assert torch.allclose(alone.probabilities[:1], first, atol=1e-6)
     batch = torch.cat([predictor.support_x, query[3:4]])
-    expected = predictor.model.predict_logits(predictor.params, batch)[-1].softmax(0)
+    expected = predictor.model.predict_logits(predictor.adapted, batch)[-1].softmax(0)
     assert torch.allclose(alone.probabilities[3], expected, atol=1e-6)
 
 
 def test_running_statistics_make_every_prediction_independent():
     torch.manual_seed(0)
-    model = MetaLearner(Conv4(1, 8, 28, norm_layer=nn.BatchNorm2d), ways=3)
+    network = FewShotClassifier(Conv4(1, 8, 28, norm_layer=nn.BatchNorm2d), ways=3)
+    algorithm = MAML()
+    algorithm.build(network)
+    with torch.no_grad():  # running statistics other than the initial ones
+        network.train()(torch.rand(16, 1, 28, 28))
+    model = AdaptableModel(network, algorithm)
     backbone = {"class_path": "fewshot.models.Conv4", "init_args": {
         "in_channels": 1, "hidden_channels": 8, "image_size": 28,
         "norm_layer": {"class_path": "torch.nn.BatchNorm2d"}}}
-    metadata = make_metadata(backbone, {"ways": 3}, Preprocessing(1, 28, invert=True), {})
+    metadata = make_metadata(backbone, 3, algorithm.settings(), SGD().settings(),
+                             Preprocessing(1, 28, invert=True), {})
     learner = Learner(ModelFiles(metadata, model.state_dict(), Path("in-memory")))
     assert not learner.batch_dependent
     predictor = learner.adapt(images(6), [0, 1, 2] * 2)
@@ -157,9 +167,10 @@ def test_mamlpp_models_adapt_with_their_learned_rates_and_per_step_batch_norm(
     model = learner._meta_learner(TRAINED_WAYS, reset_head=False)
     for steps in (None, 1, 4):  # as evaluated, fewer, more than the trained slots
         predictor = learner.adapt(support, [0, 1, 2] * 2, steps=steps)
-        params = model.adapt(support, torch.tensor([0, 1, 2] * 2), steps=steps)
+        adapted = model.adapt(support, torch.tensor([0, 1, 2] * 2), steps=steps)
         taken = learner.steps if steps is None else steps
-        expected = model.predict_logits(params, query, steps_taken=taken).softmax(1)
+        assert adapted.steps_taken == taken == predictor.adapted.steps_taken
+        expected = model.predict_logits(adapted, query).softmax(1)
         assert predictor.lr is None and predictor.steps == taken
         assert torch.equal(predictor.predict(query).probabilities, expected)
     five_way = learner.adapt(images(10), list(range(5)) * 2).predict(query)
@@ -239,8 +250,8 @@ def test_a_model_trained_briefly_on_real_background_characters_learns_new_ones(t
             "fit", f"--data.root={REAL_ROOT}", f"--data.cache_dir={tmp_path / 'cache'}",
             f"--data.class_split={split}", "--data.ways=5", "--data.shots=1", "--data.queries=1",
             "--data.meta_batch_size=8", "--data.val_episodes=1", "--trainer.limit_val_batches=0",
-            "--trainer.max_steps=60", "--model.backbone.hidden_channels=32", "--model.meta_lr=0.005",
-            "--model.eval_inner_steps=3", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=60", "--model.backbone.hidden_channels=32",
+            "--model.optimizer.init_args.lr=0.005", "--model.algorithm.init_args.eval_inner_steps=3", f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false"])
         learner = fewshot.load(tmp_path)

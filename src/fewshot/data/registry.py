@@ -1,0 +1,50 @@
+"""The datasets fewshot trains on, by the name configs and exports use.
+
+A dataset is one module defining a :class:`~fewshot.data.class_images.CachedClassImages`
+subclass (which says there what it needs: its constructor options, ``preprocessing``,
+``supported_channels``), plus one line in :data:`DATASETS` below. Everything else (the
+training data module, the preprocessing stored with exports) looks datasets up here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fewshot.data.cifar_fs import CIFARFS
+from fewshot.data.class_images import CachedClassImages
+from fewshot.data.image_folder import ImageFolder
+from fewshot.data.mini_imagenet import MiniImageNet
+from fewshot.data.omniglot import Omniglot
+
+__all__ = ["DATASETS", "dataset_class", "dataset_preprocessing"]
+
+DATASETS: dict[str, type[CachedClassImages]] = {
+    "omniglot": Omniglot,
+    "mini_imagenet": MiniImageNet,
+    "cifar_fs": CIFARFS,
+    "folder": ImageFolder,
+}
+
+
+def dataset_class(name: str) -> type[CachedClassImages]:
+    """The dataset class registered as ``name``; ValueError naming the choices if none is."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def dataset_preprocessing(name: str) -> dict[str, Any]:
+    """What the dataset ``name`` declares a new image needs besides decoding: ``invert``,
+    ``mean`` and ``std`` (see :class:`fewshot.inference.images.Preprocessing`)."""
+    cls = DATASETS.get(name)
+    declared = getattr(cls, "preprocessing", None)
+    if not isinstance(declared, dict):
+        raise ValueError(
+            f"no preprocessing is known for dataset {name!r}; known: {sorted(DATASETS)} (a "
+            "dataset is registered in fewshot.data.registry.DATASETS and declares a "
+            "'preprocessing' class attribute)")
+    if set(declared) != {"invert", "mean", "std"}:
+        raise ValueError(f"{cls.__name__}.preprocessing must have the keys 'invert', 'mean' and "
+                         f"'std', got {sorted(declared)}")
+    return {"invert": bool(declared["invert"]), "mean": tuple(declared["mean"]),
+            "std": tuple(declared["std"])}

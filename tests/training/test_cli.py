@@ -1,0 +1,184 @@
+"""The fewshot command line: shipped configs, legacy flags, linked settings, user errors."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fewshot.algorithms import MAML, MAMLPlusPlus
+from fewshot.cli import main
+from fewshot.execution import Loop
+from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throughput
+from fewshot.training.cli import build_cli, translate_legacy_flags
+from fewshot.training.schedules import CosineAnnealing
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def imported(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def built_from(spec: dict):
+    """The object a ``{"class_path", "init_args"}`` of a config file means: its class with
+    those arguments and the class's own defaults for the rest."""
+    return imported(spec["class_path"])(**(spec.get("init_args") or {}))
+
+
+def test_configs_are_shipped():
+    names = {c.stem for c in CONFIGS}
+    for ways in (5, 20):
+        for shots in (1, 5):
+            assert f"omniglot_{ways}way_{shots}shot" in names
+
+
+# The CLI's default algorithm is MAML; jsonargparse carries MAML's default init_args over when a
+# config names another class, so a setting the config leaves to the class's own default gets
+# MAML's instead (here learned_rates="none" instead of MetaSGD's "per_entry").
+
+@pytest.mark.parametrize("config", [
+    c
+    for c in CONFIGS], ids=lambda p: p.stem)
+def test_print_config_round_trips(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    source = yaml.safe_load(config.read_text())
+    parsed = yaml.safe_load(printed)
+    for key, value in source["data"].items():
+        assert parsed["data"][key] == value, ("data", key)
+    for key, value in source["model"].items():
+        if isinstance(value, dict) and "class_path" in value:
+            # Injected objects: the same class, given every argument the config gives.
+            assert imported(parsed["model"][key]["class_path"]) is imported(value["class_path"])
+            init_args = parsed["model"][key].get("init_args") or {}
+            for name, setting in (value.get("init_args") or {}).items():
+                if not (key == "backbone" and name in ("image_size", "in_channels")):
+                    assert init_args[name] == setting, ("model", key, name)
+        else:
+            assert parsed["model"][key] == value, ("model", key)
+    assert "ways" not in parsed["model"]  # linked from data.ways, so it cannot be repeated
+    # The algorithm the run trains is the one the config names: its settings, the class's own
+    # defaults for whatever the config leaves out.
+    algorithm = source["model"].get("algorithm", {"class_path": "fewshot.algorithms.MAML"})
+    assert built_from(parsed["model"]["algorithm"]).settings() == built_from(algorithm).settings()
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == parsed
+
+
+def test_legacy_flags_map_to_options():
+    argv = ["--episode_classes=20", "--support_samples", "5", "--query_samples=3",
+            "--batch_size=8", "--inner_loop_steps=2", "--trainer.max_steps=1"]
+    # Inner steps are an option of MAML, so the algorithm class is named first.
+    assert translate_legacy_flags(argv) == [
+        "--model.algorithm=fewshot.algorithms.MAML", "--data.ways=20", "--data.shots", "5", "--data.queries=3",
+        "--data.meta_batch_size=8", "--model.algorithm.init_args.inner_steps=2",
+        "--trainer.max_steps=1"]
+    cli = build_cli(argv, run=False)
+    assert cli.datamodule.hparams.ways == 20 and cli.model.hparams.ways == 20
+    assert cli.model.network.head.out_features == 20
+    assert cli.model.algorithm.inner_steps == 2 and cli.datamodule.hparams.meta_batch_size == 8
+    assert cli.model.hparams["algorithm"]["init_args"]["inner_steps"] == 2
+
+
+def test_linked_settings_cannot_disagree(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--data.ways=5", "--model.ways=3"], run=False)
+    assert exit_info.value.code != 0
+    cli = build_cli(["--data.image_size=84", "--data.ways=5"], run=False)
+    assert cli.model.network.features.out_features == 64 * 5 * 5
+
+
+def test_algorithm_executor_schedule_and_policy_flags_reach_their_objects():
+    cli = build_cli(["--model.algorithm=fewshot.algorithms.MAMLPlusPlus",
+                     "--model.algorithm.init_args.inner_steps=3",
+                     "--model.algorithm.init_args.learned_rates=per_tensor",
+                     "--model.executor=fewshot.execution.Loop",
+                     "--model.optimizer.init_args.lr=0.005",
+                     "--model.lr_scheduler=fewshot.training.schedules.CosineAnnealing",
+                     "--trainer.max_steps=7", "--nonfinite.policy=skip"], run=False)
+    model = cli.model
+    assert type(model.algorithm) is MAMLPlusPlus and model.algorithm.inner_steps == 3
+    assert all(rates.shape == (3,) for rates in model.algorithm.inner_lrs.values())
+    assert isinstance(model.executor, Loop)
+    assert model.hparams["executor"]["class_path"].endswith("Loop")
+    model.trainer = cli.trainer
+    configured = model.configure_optimizers()
+    assert configured["optimizer"].param_groups[0]["lr"] == 0.005
+    schedule = configured["lr_scheduler"]["scheduler"]
+    assert isinstance(schedule, CosineAnnealing) and schedule.T_max == 7
+    policies = [c for c in cli.trainer.callbacks if isinstance(c, NonFinitePolicy)]
+    assert [p.policy for p in policies] == ["skip"]
+    # Always on: tasks/s in the logs, test_results.json after testing.
+    for always in (Throughput, TestResultsWriter):
+        assert sum(isinstance(c, always) for c in cli.trainer.callbacks) == 1, always
+    plain = build_cli([], run=False)
+    assert type(plain.model.algorithm) is MAML
+    assert [c.policy for c in plain.trainer.callbacks if isinstance(c, NonFinitePolicy)] == ["stop"]
+
+
+def test_short_spelling_of_an_algorithm_setting():
+    # jsonargparse also accepts the option without "init_args".
+    cli = build_cli(["--model.algorithm.inner_steps=4", "--model.optimizer.lr=0.02"], run=False)
+    assert cli.model.algorithm.inner_steps == 4
+    assert cli.model.configure_optimizers().param_groups[0]["lr"] == 0.02
+
+
+def test_missing_data_is_one_clear_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--data.root={tmp_path / 'nowhere'}", "--trainer.max_steps=1",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "fewshot: error:" in err and "nowhere" in err and "Traceback" not in err
+
+
+def test_fit_then_test_end_to_end(fake_omniglot, tmp_path, capsys):
+    root, cache = fake_omniglot
+    common = [f"--data.root={root}", f"--data.cache_dir={cache}", "--data.ways=3",
+              "--data.queries=2", "--data.meta_batch_size=2", "--data.eval_queries=2",
+              "--data.val_episodes=4", "--data.test_episodes=6", "--data.steps_per_epoch=2",
+              "--model.backbone=fewshot.models.Conv4", "--model.backbone.hidden_channels=4",
+              f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    main(["fit", *common, "--trainer.max_steps=2", "--test_after_fit=true"])
+    results = list(tmp_path.rglob("test_results.json"))
+    assert len(results) == 1
+    result = json.loads(results[0].read_text())
+    assert result["episodes"] == 6 and len(result["per_step"]) == 2
+    assert result["algorithm"]["algorithm"] == "MAML"
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    main(["test", *common, f"--ckpt_path={checkpoint}"])
+    assert "Test accuracy over 6 episodes (3-way 1-shot" in capsys.readouterr().out
+
+
+def test_early_stopping_on_validation_accuracy_is_configurable():
+    cli = build_cli(["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acc",
+                     "--trainer.callbacks.mode=max", "--trainer.callbacks.patience=5",
+                     "--model.optimizer.init_args.weight_decay=0.0001"], run=False)
+    stoppers = [c for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping"]
+    assert len(stoppers) == 1 and stoppers[0].monitor == "val/acc" and stoppers[0].patience == 5
+    assert cli.model.configure_optimizers().param_groups[0]["weight_decay"] == 0.0001
+
+
+def test_wandb_sweep_names_real_options():
+    sweep = yaml.safe_load((CONFIGS[0].parent / "sweeps" / "wandb_sweep.yaml").read_text())
+    options = [f"--{name}=1" for name in sweep["parameters"]]
+    cli = build_cli(options, run=False)  # parses: every swept option exists
+    assert cli.model.algorithm.inner_steps == 1 and cli.model.algorithm.inner_lr == 1.0
+    assert cli.datamodule.hparams.meta_batch_size == 1
+
+
+def test_bare_command_lists_every_subcommand(capsys):
+    main([])
+    text = capsys.readouterr().out
+    for subcommand in ("fit", "validate", "test", "adapt", "export", "report"):
+        assert f"  {subcommand} " in text
