@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fewshot.algorithms.maml import MAML, LearnedRates
+from fewshot.algorithms.maml import MAML
 
 
 class ANIL(MAML):
@@ -16,19 +16,6 @@ class ANIL(MAML):
     Arguments as :class:`~fewshot.algorithms.maml.MAML`; ``learned_rates="per_entry"`` gives
     ANIL with Meta-SGD rates for the head.
     """
-
-    def __init__(
-        self,
-        inner_steps: int = 1,
-        inner_lr: float = 0.4,
-        eval_inner_steps: int | None = None,
-        eval_inner_lr: float | None = None,
-        first_order: bool = False,
-        learned_rates: LearnedRates = "none",
-        inner_max_grad_norm: float | None = None,
-    ) -> None:
-        super().__init__(inner_steps, inner_lr, eval_inner_steps, eval_inner_lr, first_order,
-                         learned_rates, inner_max_grad_norm)
 
     def adapted_parameters(self, network: nn.Module) -> frozenset[str]:
         head = getattr(network, "head_parameter_names", None)

@@ -82,6 +82,7 @@ class MetaLearner(LightningModule):
         })
         self.network = FewShotClassifier(backbone, ways)
         self.algorithm.build(self.network, self.inner_optimizer)
+        self._evaluation_accuracies: list[Tensor] = []  # this epoch's, until gathered
 
     # -- the per-step work -------------------------------------------------------------------
 
@@ -150,12 +151,6 @@ class MetaLearner(LightningModule):
 
     def test_step(self, episodes: Episodes, batch_idx: int) -> None:
         self._evaluation_step(episodes)
-
-    @property
-    def _evaluation_accuracies(self) -> list[Tensor]:
-        if not hasattr(self, "_accuracies"):
-            self._accuracies: list[Tensor] = []
-        return self._accuracies
 
     def _gather_accuracies(self) -> Tensor:
         """This epoch's evaluation accuracies ``[episodes, steps + 1]`` from every process.
