@@ -84,6 +84,12 @@ class Algorithm(nn.Module):
         """Inner steps of evaluation and adaptation (0: no inner loop)."""
         return 0
 
+    @property
+    def evaluation_lr(self) -> float | None:
+        """The fixed inner learning rate of evaluation and adaptation; None where there is none
+        (no inner loop) or the rates are learned (they are :meth:`meta_parameters`)."""
+        return None
+
     def first_order_at(self, epoch: int) -> bool:
         """Whether meta-training at ``epoch`` ignores second derivatives."""
         return True

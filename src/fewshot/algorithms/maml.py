@@ -122,6 +122,12 @@ class MAML(Algorithm):
     def evaluation_steps(self) -> int:
         return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
 
+    @property
+    def evaluation_lr(self) -> float | None:
+        if self.learned_rates != "none":
+            return None
+        return self.inner_lr if self.eval_inner_lr is None else self.eval_inner_lr
+
     def meta_parameters(self, detach: bool = False) -> Params:
         rates = {name.replace("-", "."): rate for name, rate in self.inner_lrs.items()}
         return {n: r.detach() for n, r in rates.items()} if detach else rates
@@ -132,7 +138,7 @@ class MAML(Algorithm):
     def _rates(self, own: Params, training: bool) -> LearningRate:
         if self.learned_rates != "none":
             return own
-        return self.inner_lr if training or self.eval_inner_lr is None else self.eval_inner_lr
+        return self.inner_lr if training else self.evaluation_lr
 
     def training_tasks(self, epoch: int, checkpoint_inner_steps: bool = False) -> TaskFunction:
         return partial(self._task, steps=self.inner_steps, training=True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fewshot.algorithms.base import Params, TaskFunction
 from fewshot.core.episode import Episodes
@@ -41,26 +41,26 @@ class Executor(Settings):
         return type(self).__name__.lower()
 
 
+def _join(parts: Sequence[TaskResult], combine) -> TaskResult:
+    """Every tensor of ``parts`` combined field by field with ``combine`` (stack or cat)."""
+    def field(get) -> Tensor:
+        return combine([get(part) for part in parts])
+
+    first = parts[0]
+    return TaskResult(
+        field(lambda r: r.objective), field(lambda r: r.losses), field(lambda r: r.accuracies),
+        {k: field(lambda r, k=k: r.diagnostics[k]) for k in first.diagnostics},
+        {k: field(lambda r, k=k: r.batch_norm_statistics[k]) for k in first.batch_norm_statistics})
+
+
 def stack_results(results: Sequence[TaskResult]) -> TaskResult:
     """Per-task results stacked over a new leading task dimension."""
-    first = results[0]
-    return TaskResult(
-        torch.stack([r.objective for r in results]), torch.stack([r.losses for r in results]),
-        torch.stack([r.accuracies for r in results]),
-        {k: torch.stack([r.diagnostics[k] for r in results]) for k in first.diagnostics},
-        {k: torch.stack([r.batch_norm_statistics[k] for r in results])
-         for k in first.batch_norm_statistics})
+    return _join(results, torch.stack)
 
 
 def concatenate_results(parts: Sequence[TaskResult]) -> TaskResult:
     """Stacked results of consecutive chunks of tasks, joined."""
-    first = parts[0]
-    return TaskResult(
-        torch.cat([p.objective for p in parts]), torch.cat([p.losses for p in parts]),
-        torch.cat([p.accuracies for p in parts]),
-        {k: torch.cat([p.diagnostics[k] for p in parts]) for k in first.diagnostics},
-        {k: torch.cat([p.batch_norm_statistics[k] for p in parts])
-         for k in first.batch_norm_statistics})
+    return _join(parts, torch.cat)
 
 
 def task_tensors(episodes: Episodes, start: int, stop: int) -> Episodes:

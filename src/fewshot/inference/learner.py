@@ -175,11 +175,7 @@ class Learner:
         """Adaptation learning rate by default; None where the model learned its rates
         (MAML++ LSLR: one per parameter tensor and step; Meta-SGD: one per entry; part of
         the weights)."""
-        algorithm = self._meta_learner(self.ways, False).algorithm
-        if getattr(algorithm, "learned_rates", "none") != "none":
-            return None
-        eval_lr = getattr(algorithm, "eval_inner_lr", None)
-        return eval_lr if eval_lr is not None else getattr(algorithm, "inner_lr", None)
+        return self._meta_learner(self.ways, False).algorithm.evaluation_lr
 
     def adapt(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[Hashable],
               steps: int | None = None, lr: float | None = None,

@@ -192,9 +192,7 @@ class MetaLearner(LightningModule):
         accuracies = self._gather_accuracies()
         datamodule = self.trainer.datamodule
         shots = datamodule.hparams.shots if datamodule is not None else None
-        inner_lr = getattr(self.algorithm, "eval_inner_lr", None) or getattr(self.algorithm, "inner_lr", None)
-        if getattr(self.algorithm, "learned_rates", "none") != "none":
-            inner_lr = "learned"
+        inner_lr = "learned" if self.algorithm.meta_parameters() else self.algorithm.evaluation_lr
         # The results file is written by fewshot.training.callbacks.TestResultsWriter.
         self.test_result = summarise_test(accuracies, self.hparams.ways, shots,
                                           self.algorithm.evaluation_steps, inner_lr)
