@@ -13,7 +13,8 @@ from fewshot.algorithms import MAML, MAMLPlusPlus
 from fewshot.cli import main
 from fewshot.execution import Loop
 from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throughput
-from fewshot.training.cli import build_cli, translate_legacy_flags
+from fewshot.training.cli import build_cli
+from fewshot.training.original_flags import translate_original_flags
 from fewshot.training.schedules import CosineAnnealing
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
@@ -78,8 +79,8 @@ def test_legacy_flags_map_to_options():
     argv = ["--episode_classes=20", "--support_samples", "5", "--query_samples=3",
             "--batch_size=8", "--inner_loop_steps=2", "--trainer.max_steps=1"]
     # Inner steps are an option of MAML, so the algorithm class is named first.
-    assert translate_legacy_flags(argv) == [
-        "--model.algorithm=fewshot.algorithms.MAML", "--data.ways=20", "--data.shots", "5", "--data.queries=3",
+    assert translate_original_flags(argv) == [
+        "--model.algorithm=fewshot.algorithms.MAML", "--data.ways=20", "--data.shots=5", "--data.queries=3",
         "--data.meta_batch_size=8", "--model.algorithm.init_args.inner_steps=2",
         "--trainer.max_steps=1"]
     cli = build_cli(argv, run=False)

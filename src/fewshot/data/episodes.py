@@ -97,15 +97,21 @@ def task_rng(seed: int, stream: int, index: int, task: int | None = None) -> np.
 
 
 def shard(count: int, rank: int, world_size: int, what: str) -> range:
-    """The contiguous share of ``count`` items that process ``rank`` of ``world_size`` takes."""
+    """The contiguous share of ``count`` items that process ``rank`` of ``world_size`` takes.
+
+    Shares differ by at most one item (3 tasks on 2 processes: 2 and 1), the larger ones on
+    the lower ranks; in rank order they are ``range(count)``. Every process needs at least
+    one item, so ``count`` below ``world_size`` is refused, naming ``what``.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
-    if count % world_size:
+    if count < world_size:
         raise ValueError(
-            f"{what}={count} cannot be split evenly over {world_size} processes: make it a "
-            f"multiple of the world size (devices x nodes)")
-    size = count // world_size
-    return range(rank * size, (rank + 1) * size)
+            f"{what}={count} is fewer than the {world_size} processes (devices x nodes): every "
+            f"process needs at least one; make {what} >= {world_size} or use fewer processes")
+    size, larger = divmod(count, world_size)
+    begin = rank * size + min(rank, larger)
+    return range(begin, begin + size + (rank < larger))
 
 
 def stack_tasks(tasks: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Episodes:
@@ -125,8 +131,10 @@ class MetaBatches(Dataset[Episodes]):
             :class:`fewshot.data.augmentation.Augmentation`), with a generator that is a pure
             function of ``(seed, step, task)``; None for none.
         rank, world_size: under distributed training each process draws only its own
-            contiguous share of the T tasks; together they are exactly the tasks of a single
-            process, since every task has its own random generator.
+            contiguous share of the T tasks (shares differ by at most one task when T does not
+            divide); together they are exactly the tasks of a single process, since every task
+            has its own random generator. The meta-learner weights each process's loss by its
+            share, so the meta-gradient is the single-process one.
     """
 
     def __init__(
@@ -167,7 +175,8 @@ class EvaluationEpisodes(Dataset[Episodes]):
 
     Task ``j`` depends only on ``(seed, stream, j)``, so the set is the same whatever the
     batching, the workers or the world size; the last batch may be smaller. Under distributed
-    evaluation process ``rank`` serves batches ``rank, rank + world_size, ...``.
+    evaluation process ``rank`` takes a contiguous share of the episodes (shares differ by at
+    most one), so the shares in rank order are the single-process episodes in order.
     """
 
     def __init__(
@@ -183,12 +192,11 @@ class EvaluationEpisodes(Dataset[Episodes]):
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.episodes, self.tasks_per_batch = episodes, tasks_per_batch
         self.seed, self.stream = seed, stream
-        shard(world_size, rank, world_size, "world_size")  # validates rank
-        all_batches = range(-(-episodes // tasks_per_batch))
-        self.batches = all_batches[rank::world_size]
+        # Named as the option that sets it (val_episodes, test_episodes).
+        self.share = shard(episodes, rank, world_size, f"{split}_episodes")
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return -(-len(self.share) // self.tasks_per_batch)
 
     def task(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rng = task_rng(self.seed, self.stream, index)
@@ -197,9 +205,8 @@ class EvaluationEpisodes(Dataset[Episodes]):
     def __getitem__(self, index: int) -> Episodes:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        first = self.batches[index] * self.tasks_per_batch
-        last = min(first + self.tasks_per_batch, self.episodes)
-        return stack_tasks([self.task(j) for j in range(first, last)])
+        share = self.share[index * self.tasks_per_batch:(index + 1) * self.tasks_per_batch]
+        return stack_tasks([self.task(j) for j in share])
 
 
 class StepSampler(Sampler[int]):

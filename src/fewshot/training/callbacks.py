@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -16,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fewshot.core.evaluation import format_test_result
+from fewshot.training.loggers import run_folder
 
 
 class NonFinitePolicy(Callback):
@@ -93,7 +93,7 @@ class TestResultsWriter(Callback):
         result = getattr(pl_module, "test_result", None)
         if result is None or not trainer.is_global_zero:
             return
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = run_folder(trainer)  # not trainer.log_dir: a collective, rank 0 is alone here
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "test_results.json"
         path.write_text(json.dumps(result, indent=2) + "\n")

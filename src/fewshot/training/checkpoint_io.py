@@ -89,7 +89,17 @@ class ResumableModelCheckpoint(ModelCheckpoint):
     that validation, ``last.ckpt`` included: a run killed in its first epoch had nothing to
     resume from. This writes ``last.ckpt`` at those steps anyway; the best checkpoint still
     waits for the validation (the step is not marked as saved, so that save happens).
+
+    It also writes ``last.ckpt`` after every validation: Lightning 2.6 writes it only when the
+    validation also wrote a best checkpoint, so a run whose accuracy stopped improving would
+    resume from its last improvement and lose the steps since.
     """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

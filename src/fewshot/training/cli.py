@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
@@ -26,20 +27,7 @@ from fewshot.training.checkpoint_io import ResumableModelCheckpoint, find_last_c
 from fewshot.training.datamodule import FewShotDataModule
 from fewshot.training.module import MetaLearner
 from fewshot.training.observability import MetaGradientMonitor
-
-# The original project's flags, accepted and translated to their fewshot options.
-LEGACY_FLAGS = {
-    "--episode_classes": "--data.ways",
-    "--support_samples": "--data.shots",
-    "--query_samples": "--data.queries",
-    "--batch_size": "--data.meta_batch_size",
-    "--inner_loop_steps": "--model.algorithm.init_args.inner_steps",
-    "--track_grad_norm": "--grad_monitor.norm_type",
-}
-# Flags of the original project that took no value.
-LEGACY_SWITCHES = {
-    "--wandb": "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
-}
+from fewshot.training.original_flags import translate_original_flags
 
 TRAINER_DEFAULTS = {
     # Evaluation adapts with gradients; inference mode would forbid them.
@@ -48,50 +36,6 @@ TRAINER_DEFAULTS = {
     # Under DDP the data module gives each process its share of every meta-batch itself.
     "use_distributed_sampler": False,
 }
-
-
-def _configs_name_an_algorithm(argv: Sequence[str]) -> bool:
-    for flag, value in zip(argv, [*argv[1:], None], strict=True):
-        if flag.startswith("--config="):
-            flag, value = "--config", flag.partition("=")[2]
-        if flag in ("-c", "--config") and value is not None and Path(value).is_file():
-            try:
-                config = yaml.safe_load(Path(value).read_text()) or {}
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                return True  # check_config_files names the file; do not guess here
-            model = config.get("model") if isinstance(config, dict) else None
-            if isinstance(model, dict) and model.get("algorithm") is not None:
-                return True
-    return False
-
-
-def _algorithm_options_without_class(argv: Sequence[str]) -> bool:
-    """Whether algorithm options are given but no class names the algorithm: the parser has
-    no default class (jsonargparse would carry a default's arguments over to another class
-    named later), so MAML, the default algorithm, is named for them."""
-    flags = [a.partition("=")[0] for a in argv]
-    options = any(f.startswith("--model.algorithm.") or f == "--inner_loop_steps" for f in flags)
-    return options and "--model.algorithm" not in flags and not _configs_name_an_algorithm(argv)
-
-
-def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
-    """``--episode_classes=20`` -> ``--data.ways=20`` (and the other original-project flags)."""
-    translated = []
-    needs_algorithm = _algorithm_options_without_class(argv)
-    for argument in argv:
-        if argument in LEGACY_SWITCHES:
-            translated.append(LEGACY_SWITCHES[argument])
-            continue
-        flag, separator, value = argument.partition("=")
-        if flag == "--accelerator" and value.startswith("ddp"):  # Lightning 1.x spelling
-            flag = "--trainer.strategy"
-        translated.append(LEGACY_FLAGS.get(flag, flag) + separator + value)
-    if needs_algorithm:
-        # MAML's options (the original project's --inner_loop_steps among them) given without
-        # an algorithm class: the class must come first, right after the subcommand.
-        at = next((i + 1 for i, a in enumerate(translated) if a in ("fit", "validate", "test")), 0)
-        translated.insert(at, "--model.algorithm=fewshot.algorithms.MAML")
-    return translated
 
 
 class FewShotCLI(LightningCLI):
@@ -142,6 +86,7 @@ class FewShotCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer", {})
+        _check_gpus_exist(trainer.get("accelerator"))
         # Checkpoints are written atomically (fewshot.checkpoint_io), unless the user chose
         # another CheckpointIO plugin.
         plugins = trainer.get("plugins")
@@ -176,6 +121,16 @@ class FewShotCLI(LightningCLI):
             has_best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
             self.trainer.test(self.model, datamodule=self.datamodule,
                               ckpt_path="best" if has_best else None)
+
+
+def _check_gpus_exist(accelerator: object) -> None:
+    """A GPU run (``--gpus=-1`` of the original project) on a machine without one: one line
+    that says how to run on the CPU, rather than Lightning's accelerator message."""
+    if str(accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--trainer.accelerator={accelerator} (the original project's --gpus) asks for a "
+            "GPU, but PyTorch sees none on this machine (torch.cuda.is_available() is False); "
+            "to train on the CPU, drop --gpus or pass --gpus=0 (--trainer.accelerator=cpu)")
 
 
 def _is_checkpoint_io(plugin: object) -> bool:
@@ -229,7 +184,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FewShotCLI
         FewShotDataModule,
         # Always on: tasks/s in the logs, test_results.json after testing.
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [Throughput(), TestResultsWriter()]},
-        args=translate_legacy_flags(sys.argv[1:] if args is None else args),
+        args=translate_original_flags(sys.argv[1:] if args is None else args),
         run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},

@@ -8,6 +8,7 @@ Two separate Lightning loggers would each pick their own ``version_N`` folder; t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +75,27 @@ class RunLogger(CSVLogger):
             self._writer.flush()
 
 
+def run_folder(trainer: Any) -> Path | None:
+    """The run folder (where ``metrics.csv`` goes), read without a collective.
+
+    ``Trainer.log_dir`` broadcasts from rank 0, so every process must ask for it together;
+    code that runs on rank 0 alone (``rank_zero_only``, ``is_global_zero``) would leave the
+    others waiting in their next collective, and gloo then fails with "Received data size
+    doesn't match expected size". Loggers that keep local files (CSV, TensorBoard, fewshot's)
+    know their folder locally.
+    """
+    for logger in getattr(trainer, "loggers", []):
+        folder = getattr(logger, "log_dir", None)
+        if isinstance(folder, (str, Path)):
+            return Path(folder)
+    if getattr(trainer, "loggers", []):
+        save_dir = getattr(trainer.loggers[0], "save_dir", None)
+        if save_dir is not None:
+            return Path(save_dir)
+    default = getattr(trainer, "default_root_dir", None)
+    return Path(default) if default is not None else None
+
+
 def log_histogram(logger: object, name: str, values: Tensor, step: int) -> None:
     """Send a histogram to any logger that takes one (fewshot's, TensorBoard's, W&B's).
 
@@ -96,4 +118,4 @@ def log_histogram(logger: object, name: str, values: Tensor, step: int) -> None:
         logger.log_metrics({name: wandb.Histogram(values.numpy())}, step=step)
 
 
-__all__ = ["RunLogger", "log_histogram"]
+__all__ = ["RunLogger", "log_histogram", "run_folder"]

@@ -111,6 +111,7 @@ class MetaLearner(LightningModule):
         meta_loss, results = self.meta_loss(episodes)
         self._update_running_statistics(results.batch_norm_statistics)
         tasks = episodes.num_tasks
+        meta_loss = meta_loss * self._share_weight(tasks)
         self.log("train/loss", results.losses[:, -1].mean(), prog_bar=True, batch_size=tasks)
         self.log("train/acc", results.accuracies[:, -1].mean(), prog_bar=True, batch_size=tasks)
         self.log("train/second_order",
@@ -118,6 +119,21 @@ class MetaLearner(LightningModule):
         self.log_dict({f"train/{k}": v.mean() for k, v in results.diagnostics.items()},
                       batch_size=tasks)
         return meta_loss
+
+    def _share_weight(self, tasks: int) -> float:
+        """The weight of this process's meta-loss (a mean over its own tasks) under DDP.
+
+        DDP averages the processes' gradients with equal weights; when the meta-batch does not
+        divide evenly (3 tasks on 2 processes: 2 and 1), weighting each process's mean by
+        ``its tasks x processes / all tasks`` makes that average the mean over all tasks, i.e.
+        the single-process meta-gradient.
+        """
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size == 1:
+            return 1.0
+        total = self.trainer.strategy.reduce(
+            torch.tensor(float(tasks), device=self.device), reduce_op="sum")
+        return tasks * world_size / float(total)
 
     def _update_running_statistics(self, statistics: dict[str, Tensor]) -> None:
         """Per-step running batch norm (MAML++ BNRS): state, updated here and nowhere else."""
@@ -144,7 +160,8 @@ class MetaLearner(LightningModule):
             results = self.run_tasks(episodes, training=False)
         self._evaluation_accuracies.append(results.accuracies.detach())
         stage = "test" if self._trainer is not None and self._trainer.testing else "val"
-        self.log(f"{stage}/loss", results.losses[:, -1].mean(), batch_size=episodes.num_tasks)
+        self.log(f"{stage}/loss", results.losses[:, -1].mean(), batch_size=episodes.num_tasks,
+                 sync_dist=True)
 
     def validation_step(self, episodes: Episodes, batch_idx: int) -> None:
         self._evaluation_step(episodes)
@@ -185,8 +202,10 @@ class MetaLearner(LightningModule):
             return
         accuracies = self._gather_accuracies()
         mean, ci95 = mean_and_ci95(accuracies[:, -1])
-        self.log("val/acc", mean, prog_bar=True, sync_dist=False)
-        self.log("val/acc_ci95", ci95, sync_dist=False)
+        # Every process holds the same gathered figures: the reduction changes nothing, it
+        # only tells Lightning so.
+        self.log("val/acc", mean, prog_bar=True, sync_dist=True)
+        self.log("val/acc_ci95", ci95, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         accuracies = self._gather_accuracies()
@@ -197,8 +216,8 @@ class MetaLearner(LightningModule):
         self.test_result = summarise_test(accuracies, self.hparams.ways, shots,
                                           self.algorithm.evaluation_steps, inner_lr)
         self.test_result["algorithm"] = self.algorithm.describe()
-        self.log("test/acc", self.test_result["accuracy"])
-        self.log("test/acc_ci95", self.test_result["ci95"])
+        self.log("test/acc", self.test_result["accuracy"], sync_dist=True)
+        self.log("test/acc_ci95", self.test_result["ci95"], sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import grad_norm, rank_zero_only
 from torch import Tensor
 
-from fewshot.training.loggers import log_histogram
+from fewshot.training.loggers import log_histogram, run_folder
 
 # Histogram bins of log10 |value|: gradients that collapse to zero slide to the left edge.
 LOG10_BINS = torch.linspace(-12.0, 2.0, 57)
@@ -93,7 +93,7 @@ class MetaGradientMonitor(Callback):
 
     @rank_zero_only
     def _append(self, trainer: Trainer, record: dict) -> None:
-        folder = trainer.log_dir
+        folder = run_folder(trainer)  # not trainer.log_dir: a collective, and this is rank 0 only
         if folder is None:
             return
         path = Path(folder) / "histograms.jsonl"
