@@ -236,3 +236,23 @@ def test_process_pool_decodes_like_the_main_process(tmp_path, monkeypatch):
     pooled, bad_pooled = image_decoding.decode_image_files(files, 10, 3)
     np.testing.assert_array_equal(pooled, alone)
     assert bad_pooled == bad_alone and len(bad_alone) == 4 and len(alone) == len(files) - 4
+
+
+@pytest.mark.parametrize("names", [("Train", "Val", "Test"), ("TRAIN", "valid", "TEST"),
+                                   ("train", "Validation", "test")])
+def test_split_folders_in_any_case_and_valid_for_val(tmp_path, names):
+    for name, split in zip(names, ("train", "val", "test"), strict=True):
+        write_classes(tmp_path / name, [f"{split}_class{i}" for i in range(3)], per_class=2)
+    for split in ("train", "val", "test"):
+        data = ImageFolder(tmp_path, split=split, image_size=8, channels=1,
+                           cache_dir=tmp_path / "cache")
+        assert data.classes == [f"{split}_class{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("pair", [("val", "Val"), ("Val", "validation")])
+def test_two_spellings_of_one_split_are_refused_naming_both(tmp_path, pair):
+    for name in ("train", "test", *pair):
+        write_classes(tmp_path / name, [f"{name}_c"], per_class=1)
+    with pytest.raises(ValueError, match=f"2 folders for the 'val' split: .*{pair[0]}/.*{pair[1]}/"
+                       f"|2 folders for the 'val' split: .*{pair[1]}/.*{pair[0]}/"):
+        ImageFolder(tmp_path, split="train", image_size=8, channels=1, cache_dir=tmp_path / "c")

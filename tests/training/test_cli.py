@@ -183,3 +183,24 @@ def test_bare_command_lists_every_subcommand(capsys):
     text = capsys.readouterr().out
     for subcommand in ("fit", "validate", "test", "adapt", "export", "report"):
         assert f"  {subcommand} " in text
+
+
+@pytest.mark.parametrize("config", ["omniglot_5way_1shot_cpu.yaml", "maml_mini_imagenet_5way_1shot.yaml"])
+def test_a_shipped_config_pointed_at_the_users_folders(config, tmp_path):
+    """-c <config> --data.dataset folder --data.root DIR, with the original project's
+    Train/Val/Test folders: the config's maml/ravi split gives way to the folders."""
+    from PIL import Image
+
+    for split in ("Train", "Val", "Test"):
+        for c in range(5):
+            (tmp_path / "mine" / split / f"{split}{c}").mkdir(parents=True)
+            for i in range(16):
+                Image.new("RGB", (30, 20), (c * 40, i * 10, 0)).save(
+                    tmp_path / "mine" / split / f"{split}{c}" / f"{i}.png")
+    cli = build_cli(["-c", str(Path(__file__).parents[2] / "configs" / config),
+                     "--data.dataset=folder", f"--data.root={tmp_path / 'mine'}",
+                     f"--data.cache_dir={tmp_path / 'cache'}"], run=False)
+    assert cli.datamodule.hparams.class_split in ("maml", "ravi")
+    cli.datamodule.setup("fit")
+    assert cli.datamodule.train_set.dataset.classes == [f"Train{c}" for c in range(5)]
+    assert cli.datamodule.val_set.dataset.classes == [f"Val{c}" for c in range(5)]

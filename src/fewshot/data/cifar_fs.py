@@ -96,6 +96,8 @@ class CIFARFS(CachedClassImages):
     expected_classes = {"train": 64, "val": 16, "test": 20}
     # Photos: decoded pixels scaled to [0, 1], nothing more.
     preprocessing = {"invert": False, "mean": (0.0,), "std": (1.0,)}
+    # The class splits this dataset knows by name.
+    named_class_splits = ("bertinetto",)
 
     def __init__(self, root: str | Path, split: str = "train", class_split: str | Path | None = None,
                  image_size: int = 32, channels: int = 3, download: bool = False,

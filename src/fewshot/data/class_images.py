@@ -88,6 +88,8 @@ class CachedClassImages(torch.utils.data.Dataset):
       decoding to look like this dataset's images (:class:`fewshot.inference.images.
       Preprocessing`), declared by each dataset class itself;
     - ``supported_channels``: the ``channels`` it can serve (:meth:`check_channels`).
+    - ``named_class_splits``: the ``class_split`` names it knows (besides None, its standard
+      split, and a folder of split files where it takes one).
     """
 
     channels: int
@@ -95,6 +97,7 @@ class CachedClassImages(torch.utils.data.Dataset):
     transform: Callable | None = None
     target_transform: Callable | None = None
     supported_channels: tuple[int, ...] = (1, 3)
+    named_class_splits: tuple[str, ...] = ()
 
     @classmethod
     def check_channels(cls, channels: int) -> None:

@@ -2,7 +2,9 @@
 
 Two layouts, as in the original project (and MAML++'s data provider):
 
-- ``root/{train,val,test}/<class>/<images>``: the splits are given;
+- ``root/{train,val,test}/<class>/<images>``: the splits are given (folder names in any case,
+  ``Train/Val/Test`` as the original project drew them; ``valid/`` or ``validation/`` for
+  val);
 - ``root/<class>/<images>``: the classes are split by ``class_split``, either a seeded random
   draw (``"random"``, 64% / 16% / 20% of the classes as in mini-ImageNet) or a folder holding
   ``train.txt``, ``val.txt`` and ``test.txt`` with one class folder name per line.
@@ -55,10 +57,31 @@ def list_class_folders(directory: Path) -> dict[str, list[Path]]:
     return classes
 
 
+# Folder names read as each split, in any case: the original project drew its layout as
+# Train|Val|Test, other datasets ship valid/ or validation/.
+SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"),
+                      "test": ("test",)}
+
+
 def split_folders_of(root: Path) -> dict[str, Path] | None:
-    """``{split: root/split}`` if ``root`` uses the split-folder layout, else None."""
-    found = {split: root / split for split in SPLITS if (root / split).is_dir()}
-    return found or None
+    """``{split: folder}`` if ``root`` uses the split-folder layout, else None.
+
+    ``Train/``, ``train/`` and ``TRAIN/`` are the train split; ``val/``, ``valid/`` and
+    ``validation/`` (any case) the validation split. A root holding two spellings of one
+    split is refused, naming both: which one is meant cannot be guessed.
+    """
+    split_of = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
+    found: dict[str, list[Path]] = {}
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        split = split_of.get(entry.name.lower())
+        if split is not None and entry.is_dir():
+            found.setdefault(split, []).append(entry)
+    for split, folders in found.items():
+        if len(folders) > 1:
+            raise ValueError(
+                f"{root} has {len(folders)} folders for the {split!r} split: "
+                f"{' and '.join(f.name + '/' for f in folders)}; keep one (or merge them)")
+    return {split: folders[0] for split, folders in found.items()} or None
 
 
 def decode_class_folders(classes: dict[str, Sequence[ImageSource]], image_size: int,
@@ -106,6 +129,8 @@ class ImageFolder(CachedClassImages):
 
     # Taken to be photos: decoded pixels scaled to [0, 1], nothing more.
     preprocessing = {"invert": False, "mean": (0.0,), "std": (1.0,)}
+    # The class splits this dataset knows by name.
+    named_class_splits = ("folders", "random")
 
     def __init__(self, root: str | Path, split: str = "train", class_split: str | Path | None = None,
                  image_size: int = 84, channels: int = 3, cache_dir: str | Path | None = None,
@@ -148,7 +173,8 @@ class ImageFolder(CachedClassImages):
         if class_split == "folders":
             if folders is None:
                 raise DatasetNotFoundError(
-                    f"{self.root} has no train/, val/ or test/ folders; use class_split='random' "
+                    f"{self.root} has no train/, val/ or test/ folders (any case; valid/ and "
+                    "validation/ count as val/); use class_split='random' "
                     "or a folder of split files for a single root/<class>/ tree")
             return {s: list_class_folders(folders[s]) if s in folders else {} for s in SPLITS}
         if folders is not None:

@@ -75,6 +75,8 @@ class MiniImageNet(CachedClassImages):
     images_per_class = 600
     # Photos: decoded pixels scaled to [0, 1], nothing more.
     preprocessing = {"invert": False, "mean": (0.0,), "std": (1.0,)}
+    # The class splits this dataset knows by name.
+    named_class_splits = ("ravi",)
 
     def __init__(self, root: str | Path, split: str = "train", class_split: str | None = None,
                  image_size: int = 84, channels: int = 3, download: bool = False,

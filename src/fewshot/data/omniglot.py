@@ -97,6 +97,8 @@ class Omniglot(CachedClassImages):
     images_per_character = 20
     maml_split_sizes = (1100, 100, 423)
     supported_channels = (1,)
+    # The class splits this dataset knows by name (a folder of split files works too).
+    named_class_splits = ("maml", "lake")
     # Strokes are stored bright on dark: a drawing (dark on white paper) must be inverted too.
     preprocessing = {"invert": True, "mean": (0.0,), "std": (1.0,)}
 

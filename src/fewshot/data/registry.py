@@ -16,7 +16,7 @@ from fewshot.data.image_folder import ImageFolder
 from fewshot.data.mini_imagenet import MiniImageNet
 from fewshot.data.omniglot import Omniglot
 
-__all__ = ["DATASETS", "dataset_class", "dataset_preprocessing"]
+__all__ = ["DATASETS", "class_split_for", "dataset_class", "dataset_preprocessing"]
 
 DATASETS: dict[str, type[CachedClassImages]] = {
     "omniglot": Omniglot,
@@ -48,3 +48,19 @@ def dataset_preprocessing(name: str) -> dict[str, Any]:
                          f"'std', got {sorted(declared)}")
     return {"invert": bool(declared["invert"]), "mean": tuple(declared["mean"]),
             "std": tuple(declared["std"])}
+
+
+def class_split_for(name: str, class_split: str | None) -> str | None:
+    """The ``class_split`` dataset ``name`` should use when asked for ``class_split``.
+
+    A split that only another dataset knows by name (``maml`` from an Omniglot config,
+    ``ravi`` from a mini-ImageNet one) means that dataset's standard split: pointing a shipped
+    config at other data (``--data.dataset folder --data.root DIR``) then uses the new
+    dataset's standard split (None) instead of refusing a name it never had. Anything else,
+    a folder of split files included, is passed on for the dataset to accept or refuse.
+    """
+    if class_split is None or class_split in dataset_class(name).named_class_splits:
+        return class_split
+    others = {split for cls in DATASETS.values() if cls is not DATASETS[name]
+              for split in cls.named_class_splits}
+    return None if class_split in others else class_split

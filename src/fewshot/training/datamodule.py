@@ -18,7 +18,7 @@ from fewshot.data.episodes import (
     MetaBatches,
     StepSampler,
 )
-from fewshot.data.registry import DATASETS, dataset_class
+from fewshot.data.registry import DATASETS, class_split_for, dataset_class
 
 __all__ = ["DATASETS", "FewShotDataModule", "default_root"]
 
@@ -42,7 +42,9 @@ class FewShotDataModule(LightningDataModule):
         root: folder with the dataset's archives or extracted folders (default: see
             :func:`default_root`).
         download: download the official archives into ``root`` if missing (Omniglot, CIFAR-FS).
-        class_split: which classes form train/val/test; None is the dataset's standard split.
+        class_split: which classes form train/val/test; None is the dataset's standard split,
+            and so is a split that only another dataset knows (``maml`` of an Omniglot config
+            pointed at ``--data.dataset folder``).
             Omniglot: ``maml`` (default; seeded 1100/100/423 characters), ``lake``
             (background/evaluation; no validation set) or a folder of split files.
             mini-ImageNet: ``ravi`` (default, the only one). CIFAR-FS: ``bertinetto`` (default)
@@ -111,7 +113,8 @@ class FewShotDataModule(LightningDataModule):
         if split not in self._splits:
             # Every registered dataset takes these options (fewshot.data.class_images).
             dataset = dataset_class(hp.dataset)(
-                self.root, split=split, class_split=hp.class_split, image_size=hp.image_size,
+                self.root, split=split, class_split=class_split_for(hp.dataset, hp.class_split),
+                image_size=hp.image_size,
                 channels=hp.channels, download=download, cache_dir=hp.cache_dir,
                 skip_bad_images=hp.skip_bad_images, split_seed=hp.split_seed)
             self._splits[split] = dataset
