@@ -96,26 +96,38 @@ def run_folder(trainer: Any) -> Path | None:
     return Path(default) if default is not None else None
 
 
-def log_histogram(logger: object, name: str, values: Tensor, step: int) -> None:
-    """Send a histogram to any logger that takes one (fewshot's, TensorBoard's, W&B's).
+def _finite(values: Tensor) -> Tensor:
+    values = values.detach().float().cpu().flatten()
+    return values[torch.isfinite(values)]
+
+
+def log_histograms(logger: object, histograms: Mapping[str, Tensor], step: int) -> None:
+    """Send histograms to any logger that takes them (fewshot's, TensorBoard's, W&B's).
 
     Only the finite values are binned: a NaN or Inf gradient (a step ``nonfinite=skip`` is
-    about to skip) must not crash the run, and TensorBoard refuses to bin it.
+    about to skip) must not crash the run, and TensorBoard refuses to bin it. W&B gets one
+    ``log`` call per step, so the step's histograms are one row of its history.
     """
-    values = values.detach().float().cpu().flatten()
-    values = values[torch.isfinite(values)]
-    if values.numel() == 0:
+    finite = {name: _finite(values) for name, values in histograms.items()}
+    finite = {name: values for name, values in finite.items() if values.numel()}
+    if not finite:
         return
-    if isinstance(logger, RunLogger):
-        logger.log_histogram(name, values, step)
-        return
-    experiment = getattr(logger, "experiment", None)
-    if hasattr(experiment, "add_histogram"):  # TensorBoardLogger
-        experiment.add_histogram(name, values, global_step=step)
-    elif type(logger).__name__ == "WandbLogger":
+    if type(logger).__name__ == "WandbLogger":
         import wandb
 
-        logger.log_metrics({name: wandb.Histogram(values.numpy())}, step=step)
+        logger.log_metrics({name: wandb.Histogram(v.numpy()) for name, v in finite.items()},
+                           step=step)
+        return
+    for name, values in finite.items():
+        if isinstance(logger, RunLogger):
+            logger.log_histogram(name, values, step)
+        elif hasattr(getattr(logger, "experiment", None), "add_histogram"):  # TensorBoardLogger
+            logger.experiment.add_histogram(name, values, global_step=step)
 
 
-__all__ = ["RunLogger", "log_histogram", "run_folder"]
+def log_histogram(logger: object, name: str, values: Tensor, step: int) -> None:
+    """One histogram: :func:`log_histograms` with one entry."""
+    log_histograms(logger, {name: values}, step)
+
+
+__all__ = ["RunLogger", "log_histogram", "log_histograms", "run_folder"]

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import grad_norm, rank_zero_only
 from torch import Tensor
 
-from fewshot.training.loggers import log_histogram, run_folder
+from fewshot.training.loggers import log_histograms, run_folder
 
 # Histogram bins of log10 |value|: gradients that collapse to zero slide to the left edge.
 LOG10_BINS = torch.linspace(-12.0, 2.0, 57)
@@ -78,11 +78,10 @@ class MetaGradientMonitor(Callback):
         gradients = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if not gradients:
             return
+        histograms = {f"meta_grad/{name}": gradient for name, gradient in gradients.items()}
+        histograms.update({f"weight/{name}": p for name, p in pl_module.named_parameters()})
         for logger in trainer.loggers:
-            for name, gradient in gradients.items():
-                log_histogram(logger, f"meta_grad/{name}", gradient, step)
-            for name, parameter in pl_module.named_parameters():
-                log_histogram(logger, f"weight/{name}", parameter, step)
+            log_histograms(logger, histograms, step)
         everything = torch.cat([g.flatten() for g in gradients.values()])
         record = {"step": step, "bins_log10": LOG10_BINS.tolist(),
                   "meta_grad": log_magnitude_histogram(everything),
