@@ -7,7 +7,10 @@ are renamed into place only once complete and verified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
+import json
 import os
 import shutil
 import stat
@@ -22,12 +25,16 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 __all__ = [
+    "MANIFEST_NAME",
     "DatasetNotFoundError",
     "IntegrityError",
     "UnsafeArchiveError",
+    "check_download",
+    "download_resumable",
     "download_url",
     "extract_archive",
     "md5sum",
+    "sha256sum",
 ]
 
 _CHUNK = 1 << 20
@@ -54,6 +61,15 @@ def md5sum(path: str | Path, chunk_size: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
+def sha256sum(path: str | Path, chunk_size: int = _CHUNK) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _progress_enabled() -> bool:
     # A progress bar in a log file or CI output is just noise.
     return sys.stdout.isatty()
@@ -71,7 +87,8 @@ def _read_chunks(response: IO[bytes], url: str, destination: Path, md5: str | No
     while True:
         try:
             chunk = response.read(_CHUNK)
-        except (urllib.error.URLError, OSError) as exc:  # socket.timeout is an OSError
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # socket.timeout is an OSError; a cut connection is an IncompleteRead
             raise _network_error(url, destination, md5, exc) from exc
         if not chunk:
             return
@@ -79,13 +96,15 @@ def _read_chunks(response: IO[bytes], url: str, destination: Path, md5: str | No
 
 
 def _stream_to_file(response: IO[bytes], out: IO[bytes], url: str, destination: Path,
-                    md5: str | None) -> None:
-    length = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-    total = int(length) if length and length.isdigit() else None
+                    md5: str | None, total: int | None = None, done: int = 0) -> None:
+    if total is None:
+        length = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+        total = int(length) if length and length.isdigit() else None
     chunks = _read_chunks(response, url, destination, md5)
     if not _progress_enabled():
         for chunk in chunks:
             out.write(chunk)
+            out.flush()  # what is written survives a kill, to be resumed
         return
     from rich.progress import (
         BarColumn,
@@ -99,9 +118,10 @@ def _stream_to_file(response: IO[bytes], out: IO[bytes], url: str, destination: 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns) as progress:
-        task = progress.add_task(f"Downloading {destination.name}", total=total)
+        task = progress.add_task(f"Downloading {destination.name}", total=total, completed=done)
         for chunk in chunks:
             out.write(chunk)
+            out.flush()
             progress.advance(task, len(chunk))
 
 
@@ -138,6 +158,121 @@ def download_url(url: str, destination: str | Path, md5: str | None = None, *,
     finally:
         part.unlink(missing_ok=True)
     return destination
+
+
+MANIFEST_NAME = "fewshot-downloads.json"
+
+
+def _total_size(response: http.client.HTTPResponse, offset: int) -> int | None:
+    """The full file size the server announces, for a whole (200) or partial (206) reply."""
+    if response.status == 206:  # Content-Range: bytes <first>-<last>/<total>
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def download_resumable(url: str, destination: str | Path, *, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``destination``, resuming what an interrupted run left.
+
+    Bytes arrive in ``destination.part``, which is kept when the connection fails or the
+    process is killed; the next call asks the server for the rest (an HTTP Range request) and
+    starts over only if the server cannot resume. The file is renamed into place once it has
+    the size the server announced. The SHA-256 of the finished file is recorded in the
+    folder's manifest (:data:`MANIFEST_NAME`), which :func:`check_download` verifies later.
+    Raises :class:`DatasetNotFoundError` naming the URL when the network or server fails.
+    """
+    destination = Path(destination)
+    if destination.is_file():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = destination.with_name(destination.name + ".part")
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                          timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:  # nothing left to send: the .part may be complete
+            response = None
+        else:
+            raise _network_error(url, destination, None, exc) from exc
+    except (TimeoutError, urllib.error.URLError, OSError) as exc:
+        raise _network_error(url, destination, None, exc) from exc
+    total = None
+    if response is not None:
+        with response:
+            if offset and response.status != 206:
+                offset = 0  # the server sent the whole file again: start over
+            total = _total_size(response, offset)
+            with open(part, "ab" if offset else "wb") as out:
+                _stream_to_file(response, out, url, destination, None, total, offset)
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DatasetNotFoundError(
+            f"Download of {url} stopped after {size} of {total} bytes; {part} is kept: run "
+            "again to resume it")
+    os.replace(part, destination)
+    _record_download(destination, url)
+    return destination
+
+
+def _manifest(folder: Path) -> dict[str, dict]:
+    path = folder / MANIFEST_NAME
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path} is not a readable download manifest ({exc}); delete it "
+                             "to stop checking downloads against it") from exc
+    if not isinstance(entries, dict):
+        raise IntegrityError(f"{path} is not a download manifest (a JSON object)")
+    return entries
+
+
+def _write_manifest(folder: Path, entries: dict[str, dict]) -> None:
+    path = folder / MANIFEST_NAME
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _record_download(path: Path, url: str) -> None:
+    entries = _manifest(path.parent)
+    stat_result = path.stat()
+    entries[path.name] = {"sha256": sha256sum(path), "size": stat_result.st_size,
+                          "mtime_ns": stat_result.st_mtime_ns, "url": url}
+    _write_manifest(path.parent, entries)
+
+
+def check_download(path: str | Path) -> None:
+    """Verify ``path`` against the SHA-256 recorded when fewshot downloaded it.
+
+    Files fewshot did not download are not in the manifest and pass. A file whose size and
+    modification time are those recorded passes at once; otherwise it is hashed, and a file
+    whose content changed raises :class:`IntegrityError` naming it (a corrupted disk, a
+    partial copy, an edited file).
+    """
+    path = Path(path)
+    entry = _manifest(path.parent).get(path.name)
+    if entry is None:
+        return
+    stat_result = path.stat()
+    if stat_result.st_size == entry.get("size") and stat_result.st_mtime_ns == entry.get("mtime_ns"):
+        return
+    actual = sha256sum(path)
+    if actual != entry.get("sha256"):
+        raise IntegrityError(
+            f"{path} has changed since it was downloaded from {entry.get('url', 'its source')}: "
+            f"its SHA-256 is {actual}, the download recorded {entry.get('sha256')}. Delete it "
+            "and run again with --data.download true to fetch it again.")
+    # Same bytes, new timestamp (e.g. copied): remember it, so the next check is instant.
+    entry["mtime_ns"] = stat_result.st_mtime_ns
+    with contextlib.suppress(OSError):  # a read-only data folder stays unchecked-fast, not broken
+        entries = _manifest(path.parent)
+        entries[path.name] = entry
+        _write_manifest(path.parent, entries)
 
 
 def _member_target(archive: Path, name: str) -> PurePosixPath:

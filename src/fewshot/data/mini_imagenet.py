@@ -1,10 +1,12 @@
 """mini-ImageNet (Vinyals et al., 2016) with the Ravi & Larochelle (2017) class split.
 
-64 / 16 / 20 classes of 600 images for train / val / test. There is no stable official
-download, so the data is read from what the user already has in ``root``, in either of its two
-common distributions:
+64 / 16 / 20 classes of 600 images for train / val / test. There is no official download;
+``download=True`` fetches the pickles from the public mirror learn2learn uses
+(:mod:`fewshot.data.mirror`), resumably, and records their SHA-256 to check them on later use.
+The data is read from ``root`` in either of its two common distributions:
 
-- the pickled cache ``mini-imagenet-cache-{train,val,test}.pkl``: a dict with ``image_data``
+- the pickled cache ``mini-imagenet-cache-{train,val,test}.pkl`` (the mirror names the
+  validation file ``...-validation.pkl``; both names are read): a dict with ``image_data``
   (uint8 ``[N, 84, 84, 3]``) and ``class_dict`` (``{class: [indices]}``), loaded with a
   restricted unpickler that cannot run code (:mod:`fewshot.data.safe_pickle`);
 - the folders ``{train,val,test}/<class>/<image>.jpg`` of MAML++'s
@@ -27,9 +29,15 @@ from fewshot.data.class_images import (
     check_split_name,
     file_entries,
 )
-from fewshot.data.download import DatasetNotFoundError, IntegrityError, extract_archive
+from fewshot.data.download import (
+    DatasetNotFoundError,
+    IntegrityError,
+    check_download,
+    extract_archive,
+)
 from fewshot.data.image_decoding import prepare_image_array
 from fewshot.data.image_folder import decode_class_folders, list_class_folders, split_folders_of
+from fewshot.data.mirror import download_from_mirror
 from fewshot.data.safe_pickle import load_pickle
 from fewshot.data.split_cache import StoredSplit, cache_root
 
@@ -38,7 +46,9 @@ __all__ = ["MiniImageNet"]
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".zip")
 
 WHERE_TO_GET_IT = (
-    "mini-ImageNet has no stable official download. Get either the three pickles "
+    "mini-ImageNet has no official download. download=True (--data.download true) fetches "
+    "the three pickles from the public mirror learn2learn uses (Zenodo record 7978538, or "
+    "$FEWSHOT_MIRROR_URL). Or get either the pickles "
     "mini-imagenet-cache-{train,val,test}.pkl, or mini_imagenet_full_size.tar.bz2 from the "
     "MAML++ repository's README (github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch, "
     "'Datasets' section; you accept the ImageNet terms of use), and put them in root (the "
@@ -57,7 +67,8 @@ class MiniImageNet(CachedClassImages):
             one in use for mini-ImageNet).
         image_size: images are resized to ``image_size x image_size`` (84 in the literature).
         channels: 3 (RGB) or 1 (grayscale).
-        download: there is nothing to download; True only makes the error say so.
+        download: fetch the three pickles from the mirror (:mod:`fewshot.data.mirror`) when
+            ``root`` holds neither pickles nor split folders nor an archive.
         cache_dir: writable folder for the decoded cache (default ``$FEWSHOT_CACHE_DIR`` or
             ``~/.cache/fewshot``), so ``root`` may be read-only once extracted.
         skip_bad_images: leave unreadable image files out with one warning instead of failing.
@@ -71,6 +82,10 @@ class MiniImageNet(CachedClassImages):
     """
 
     pickle_name = "mini-imagenet-cache-{split}.pkl"
+    # The names the mirror gives the three pickles (its validation file says so in full).
+    mirror_files = {"train": "mini-imagenet-cache-train.pkl",
+                    "val": "mini-imagenet-cache-validation.pkl",
+                    "test": "mini-imagenet-cache-test.pkl"}
     expected_classes = {"train": 64, "val": 16, "test": 20}
     images_per_class = 600
     # Photos: decoded pixels scaled to [0, 1], nothing more.
@@ -93,8 +108,13 @@ class MiniImageNet(CachedClassImages):
         self.transform, self.target_transform = transform, target_transform
         cache = cache_root(cache_dir) / "mini_imagenet"
         what = f"the {split!r} split of mini-ImageNet in {self.root}"
-        pickle_path = self.root / self.pickle_name.format(split=split)
-        if pickle_path.is_file():
+        pickle_path = self._pickle_path(split)
+        if pickle_path is None and download and self._find_split_folders() is None \
+                and not self._archives():
+            download_from_mirror(list(self.mirror_files.values()), self.root)
+            pickle_path = self._pickle_path(split)
+        if pickle_path is not None:
+            check_download(pickle_path)  # a downloaded pickle must still be what was downloaded
             st = pickle_path.stat()
             source = [f"pickle:{pickle_path.name}:{st.st_size}:{st.st_mtime_ns}"]
             self._use_cache(cache, "mini_imagenet", split, source,
@@ -114,11 +134,21 @@ class MiniImageNet(CachedClassImages):
                                                      f"Decoding {what}"),
                         skip_bad_images, what)
 
+    def _pickle_path(self, split: str) -> Path | None:
+        """The split's pickle in ``root`` under either name, or None."""
+        for name in (self.pickle_name.format(split=split), self.mirror_files[split]):
+            if (self.root / name).is_file():
+                return self.root / name
+        return None
+
+    def _archives(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("*")
+                      if p.is_file() and p.name.lower().endswith(_ARCHIVE_SUFFIXES))
+
     def _split_folders(self, download: bool) -> dict[str, Path]:
         folders = self._find_split_folders()
         if folders is None:
-            archives = sorted(p for p in self.root.glob("*")
-                              if p.is_file() and p.name.lower().endswith(_ARCHIVE_SUFFIXES))
+            archives = self._archives()
             if len(archives) > 1:
                 raise DatasetNotFoundError(f"{self.root} holds several archives "
                                            f"({', '.join(a.name for a in archives)}); keep one")
@@ -133,9 +163,8 @@ class MiniImageNet(CachedClassImages):
         if folders is None:
             looked = (f"looked for {self.pickle_name.format(split=self.split)}, "
                       f"{self.split}/<class>/ folders and a tar/zip archive")
-            hint = " download=True cannot help: " if download else " "
-            raise DatasetNotFoundError(f"mini-ImageNet not found in {self.root} ({looked})."
-                                       f"{hint}{WHERE_TO_GET_IT}")
+            raise DatasetNotFoundError(f"mini-ImageNet not found in {self.root} ({looked}). "
+                                       f"{WHERE_TO_GET_IT}")
         return folders
 
     def _find_split_folders(self) -> dict[str, Path] | None:
