@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11, as the pinned files
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "requirements"
 

@@ -142,3 +142,87 @@ def write_cifar_fs_split(folder: Path) -> Path:
         data = source.read_bytes() if source.is_file() else json.dumps(pairs).encode()
         (folder / f"{split}.json").write_bytes(data)
     return folder
+
+
+TIERED_SIZES = {"train": (351, 20), "val": (97, 6), "test": (160, 8)}
+
+
+def tiered_classes() -> dict[str, dict[str, str]]:
+    """tiered-ImageNet's ``{class: category}`` per split (the authors' CSVs, or made up)."""
+    folder = SPLITS_DIR / "tiered_imagenet"
+    if (folder / "train.csv").is_file():
+        classes = {}
+        for split in TIERED_SIZES:
+            with open(folder / f"{split}.csv", newline="") as f:
+                classes[split] = {row[0]: row[1] for row in csv.reader(f) if row}
+        return classes
+    names = iter(f"n{i:08d}" for i in range(608))
+    categories = iter(f"n9{i:07d}" for i in range(34))
+    made_up = {}
+    for split, (n_classes, n_categories) in TIERED_SIZES.items():
+        cats = [next(categories) for _ in range(n_categories)]
+        made_up[split] = {next(names): cats[i % n_categories] for i in range(n_classes)}
+    return made_up
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tiered_imagenet_pickles(root: Path, images_per_class: int = 2, size: int = 12,
+                                  prefix: str = "tiered-imagenet-", seed: int = 0,
+                                  splits=("train", "val", "test")) -> dict[str, dict]:
+    """``{prefix}{split}_images_png.pkl`` and ``{prefix}{split}_labels.pkl`` as the authors
+    wrote them: a list of uint8 arrays holding PNGs, and the label dict. Images are shuffled
+    (not class-major). Returns ``{split: {"pixels": [N, size, size, 3], "labels": dict}}``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split in splits:
+        classes = tiered_classes()[split]
+        names = list(classes)
+        category_names = sorted(set(classes.values()))
+        n = len(names) * images_per_class
+        class_of = rng.permutation(np.repeat(np.arange(len(names)), images_per_class))
+        pixels = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+        # Some arrays squeezable [L, 1], as np.squeeze in readers of the original suggests.
+        images = [np.frombuffer(png_bytes(p), dtype=np.uint8).reshape((-1, 1) if i % 2 else (-1,))
+                  for i, p in enumerate(pixels)]
+        labels = {
+            "label_specific": class_of,
+            "label_specific_str": names,
+            "label_general": np.array([category_names.index(classes[names[c]]) for c in class_of]),
+            "label_general_str": category_names,
+        }
+        with open(root / f"{prefix}{split}_images_png.pkl", "wb") as f:
+            pickle.dump(images, f, protocol=2)
+        with open(root / f"{prefix}{split}_labels.pkl", "wb") as f:
+            pickle.dump(labels, f, protocol=2)
+        written[split] = {"pixels": pixels, "labels": labels}
+    return written
+
+
+# A fake FC100 split by whole CIFAR-100 superclasses (12 / 4 / 4); the real one differs.
+FC100_FAKE_SUPERCLASSES = {"train": range(0, 12), "val": range(12, 16), "test": range(16, 20)}
+
+
+def write_fc100_pickles(root: Path, images_per_class: int = 3, seed: int = 0,
+                        superclasses=None) -> dict[str, dict]:
+    """``FC100_{split}.pickle`` as MetaOptNet's: ``{"data": uint8 [N, 32, 32, 3], "labels":
+    [fine label per image]}``, shuffled."""
+    from fewshot.data.fc100 import CIFAR100_COARSE_OF
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, coarse in (superclasses or FC100_FAKE_SUPERCLASSES).items():
+        fine = [f for f in range(100) if CIFAR100_COARSE_OF[f] in coarse]
+        labels = rng.permutation(np.repeat(fine, images_per_class)).tolist()
+        data = {"data": rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8),
+                "labels": labels}
+        with open(root / f"FC100_{split}.pickle", "wb") as f:
+            pickle.dump(data, f, protocol=2)
+        written[split] = data
+    return written

@@ -29,7 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fewshot.data.download import IntegrityError
 
-__all__ = ["BadImageError", "ImageSource", "ZipMember", "decode_image_files", "prepare_image",
+__all__ = ["BadImageError", "ImageSource", "ZipMember", "decode_encoded_images",
+           "decode_image_files", "prepare_image",
            "prepare_image_array", "report_bad_images"]
 
 # Below this many files a process pool costs more than it saves.
@@ -200,6 +201,46 @@ def decode_image_files(paths: Sequence[ImageSource], size: int, channels: int,
                 bad.append((str(source), problem))
             else:
                 good.append(image)
+    stacked = (np.stack(good) if good
+               else np.empty((0, channels, size, size), dtype=np.uint8))
+    return stacked, bad
+
+
+def decode_encoded_images(blobs: Sequence[bytes], names: Sequence[str], size: int, channels: int,
+                          description: str = "Decoding images"
+                          ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decode images held in memory as encoded bytes (the PNGs of tiered-ImageNet's pickles)
+    into uint8 ``[n_good, channels, size, size]``, in order, with ``(name, reason)`` for each
+    blob that is not a usable image (named by ``names``)."""
+
+    def decode(blob: bytes) -> np.ndarray | str:
+        if len(blob) == 0:
+            return "empty image (0 bytes)"
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                image.load()
+                return prepare_image(image, size, channels)
+        except UnidentifiedImageError:
+            return "not an image PIL can read"
+        except Image.DecompressionBombError as exc:
+            return f"refused as a possible decompression bomb ({exc})"
+        except (OSError, SyntaxError, ValueError) as exc:
+            return f"corrupt or truncated ({exc})"
+
+    def chunks() -> Iterator[tuple[list[np.ndarray | str], None]]:
+        for start in range(0, len(blobs), _FILES_PER_TASK):
+            yield [decode(bytes(b)) for b in blobs[start:start + _FILES_PER_TASK]], None
+
+    good: list[np.ndarray] = []
+    bad: list[tuple[str, str]] = []
+    index = 0
+    for results, _ in _progress(chunks(), len(blobs), description):
+        for result in results:
+            if isinstance(result, str):
+                bad.append((names[index], result))
+            else:
+                good.append(result)
+            index += 1
     stacked = (np.stack(good) if good
                else np.empty((0, channels, size, size), dtype=np.uint8))
     return stacked, bad

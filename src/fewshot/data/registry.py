@@ -12,9 +12,11 @@ from typing import Any
 
 from fewshot.data.cifar_fs import CIFARFS
 from fewshot.data.class_images import CachedClassImages
+from fewshot.data.fc100 import FC100
 from fewshot.data.image_folder import ImageFolder
 from fewshot.data.mini_imagenet import MiniImageNet
 from fewshot.data.omniglot import Omniglot
+from fewshot.data.tiered_imagenet import TieredImageNet
 
 __all__ = ["DATASETS", "class_split_for", "dataset_class", "dataset_preprocessing"]
 
@@ -22,6 +24,8 @@ DATASETS: dict[str, type[CachedClassImages]] = {
     "omniglot": Omniglot,
     "mini_imagenet": MiniImageNet,
     "cifar_fs": CIFARFS,
+    "tiered_imagenet": TieredImageNet,
+    "fc100": FC100,
     "folder": ImageFolder,
 }
 

@@ -37,7 +37,7 @@ class FewShotDataModule(LightningDataModule):
 
     Args:
         dataset: a name in :data:`fewshot.data.registry.DATASETS`: ``omniglot``,
-            ``mini_imagenet``, ``cifar_fs`` or ``folder`` (your own images,
+            ``mini_imagenet``, ``tiered_imagenet``, ``cifar_fs``, ``fc100`` or ``folder`` (your own images,
             ``root/{train,val,test}/<class>/<images>`` or ``root/<class>/<images>``).
         root: folder with the dataset's archives or extracted folders (default: see
             :func:`default_root`).
