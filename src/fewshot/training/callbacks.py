@@ -70,7 +70,8 @@ class NonFinitePolicy(Callback):
 
 
 class Throughput(Callback):
-    """Logs ``train/tasks_per_s``: meta-batch tasks over the wall time between two steps."""
+    """Logs ``train/tasks_per_s``: the meta-batch's tasks (all processes' together under DDP)
+    over the wall time between two steps."""
 
     def __init__(self) -> None:
         self._last: float | None = None
@@ -78,11 +79,17 @@ class Throughput(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last = None  # validation in between would distort the rate
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last = None
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         now = time.perf_counter()
         if self._last is not None:
-            pl_module.log("train/tasks_per_s", batch.num_tasks / (now - self._last), prog_bar=True)
+            # Under DDP each process holds its share; the rate is of the whole meta-batch.
+            hparams = getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule else {}
+            tasks = hparams.get("meta_batch_size") or batch.num_tasks * trainer.world_size
+            pl_module.log("train/tasks_per_s", tasks / (now - self._last), prog_bar=True)
         self._last = now
 
 

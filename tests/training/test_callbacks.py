@@ -1,0 +1,38 @@
+"""Callbacks alone: the throughput of the whole meta-batch, also under DDP."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from fewshot.training import callbacks
+from fewshot.training.callbacks import Throughput
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    def log(self, name, value, **kwargs) -> None:
+        self.logged[name] = value
+
+
+@pytest.mark.parametrize(("datamodule", "world_size", "local_tasks", "expected"), [
+    (None, 1, 4, 4 / 0.5),
+    (None, 2, 2, 4 / 0.5),                                     # each process holds half
+    (SimpleNamespace(hparams={"meta_batch_size": 3}), 2, 2, 3 / 0.5),  # uneven shares: 2 and 1
+])
+def test_tasks_per_second_counts_every_process(monkeypatch, datamodule, world_size, local_tasks,
+                                               expected):
+    clock = iter([10.0, 10.5])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(datamodule=datamodule, world_size=world_size)
+    module, batch = Recorder(), SimpleNamespace(num_tasks=local_tasks)
+    throughput = Throughput()
+    throughput.on_train_batch_end(trainer, module, None, batch, 0)
+    throughput.on_train_batch_end(trainer, module, None, batch, 1)
+    assert module.logged["train/tasks_per_s"] == pytest.approx(expected)
+    # A validation in between does not count as a step.
+    throughput.on_validation_end(trainer, module)
+    assert throughput._last is None
