@@ -204,3 +204,19 @@ def test_a_shipped_config_pointed_at_the_users_folders(config, tmp_path):
     cli.datamodule.setup("fit")
     assert cli.datamodule.train_set.dataset.classes == [f"Train{c}" for c in range(5)]
     assert cli.datamodule.val_set.dataset.classes == [f"Val{c}" for c in range(5)]
+
+
+@pytest.mark.parametrize("own_save_dir", [False, True])
+def test_default_root_dir_moves_logs_and_checkpoints(fake_omniglot, tmp_path, monkeypatch,
+                                                    own_save_dir):
+    root, cache = fake_omniglot
+    monkeypatch.chdir(tmp_path)
+    logger_dir = ["--trainer.logger.init_args.save_dir=elsewhere"] if own_save_dir else []
+    main(["fit", f"--data.root={root}", f"--data.cache_dir={cache}", "--data.ways=3",
+          "--data.queries=2", "--data.meta_batch_size=2", "--data.eval_queries=2",
+          "--data.val_episodes=2", "--data.steps_per_epoch=2", "--model.backbone.hidden_channels=4",
+          "--trainer.max_steps=2", "--trainer.default_root_dir=chosen", *logger_dir,
+          "--trainer.enable_progress_bar=false"])
+    run = tmp_path / ("elsewhere" if own_save_dir else "chosen") / "lightning_logs" / "version_0"
+    assert (run / "metrics.csv").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs").exists()  # the old behaviour: ./runs whatever was asked

@@ -157,3 +157,28 @@ def test_meta_sgd_rates_are_logged_as_each_steps_mean(fake_omniglot, tmp_path):
     rates = trainer.lightning_module.algorithm.meta_parameters(detach=True)["head.weight"]
     assert rates.shape[0] == 2 and rates.shape[1:] == (3, 4 * 1 * 1)  # [steps, *head.weight]
     assert len({round(v, 9) for v in logged}) > 1  # the rates are learned: they moved
+
+
+def test_the_default_loggers_experiment_is_tensorboards_writer(fake_omniglot, tmp_path):
+    """Lightning's idiom self.logger.experiment.add_image(...) works; the CSV still fills."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class ImageLogger(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            pl_module.logger.experiment.add_image(
+                "support/first", batch.support_x[0, 0], global_step=trainer.global_step)
+
+    root, cache = fake_omniglot
+    data = FewShotDataModule(root=str(root), cache_dir=str(cache), ways=3, queries=2,
+                             meta_batch_size=2, eval_queries=2, val_episodes=2,
+                             steps_per_epoch=2, image_size=28)
+    logger = RunLogger(save_dir=str(tmp_path), name="runs")
+    trainer = Trainer(max_steps=2, logger=logger, inference_mode=False, log_every_n_steps=1,
+                      enable_progress_bar=False, enable_checkpointing=False,
+                      limit_val_batches=0, callbacks=[ImageLogger()])
+    trainer.fit(MetaLearner(Conv4(1, 4, 28), ways=3), datamodule=data)
+    run = tmp_path / "runs" / "version_0"
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert len(events.Images("support/first")) == 2
+    assert [int(r["step"]) for r in read_csv(run / "metrics.csv") if r.get("train/loss")] == [0, 1]
+    assert (run / "hparams.yaml").is_file()

@@ -60,8 +60,9 @@ class FewShotCLI(LightningCLI):
         # NaN/Inf in the meta-loss or meta-gradient: stop or skip (fewshot.training.callbacks).
         parser.add_lightning_class_args(NonFinitePolicy, "nonfinite")
         # CSV and TensorBoard in one run folder, no setup needed (fewshot.loggers).
+        # Its save_dir follows --trainer.default_root_dir unless given (before_instantiate_classes).
         parser.set_defaults({"trainer.logger": {
-            "class_path": "fewshot.training.loggers.RunLogger", "init_args": {"save_dir": "runs"}}})
+            "class_path": "fewshot.training.loggers.RunLogger", "init_args": {"save_dir": None}}})
         # The original project's --track_grad_norm, and gradient histograms (fewshot.observability).
         parser.add_lightning_class_args(MetaGradientMonitor, "grad_monitor")
         # Keep the best checkpoint by validation accuracy, and the last one for resuming.
@@ -87,6 +88,7 @@ class FewShotCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer", {})
         _check_gpus_exist(trainer.get("accelerator"))
+        _loggers_follow_the_root_dir(trainer)
         # Checkpoints are written atomically (fewshot.checkpoint_io), unless the user chose
         # another CheckpointIO plugin.
         plugins = trainer.get("plugins")
@@ -121,6 +123,22 @@ class FewShotCLI(LightningCLI):
             has_best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
             self.trainer.test(self.model, datamodule=self.datamodule,
                               ckpt_path="best" if has_best else None)
+
+
+def _loggers_follow_the_root_dir(trainer: Namespace) -> None:
+    """``--trainer.default_root_dir DIR`` moves the run folder (logs and checkpoints): the
+    default logger, and W&B's, write there unless their own ``save_dir`` is given."""
+    root = trainer.get("default_root_dir") or "runs"
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None:
+            continue
+        class_path = str(getattr(logger, "class_path", ""))
+        # W&B's own default is ".", the current folder.
+        unset = (None, ".") if class_path.endswith("WandbLogger") else (None,)
+        if class_path.endswith(("RunLogger", "WandbLogger")) and init_args.get("save_dir") in unset:
+            init_args["save_dir"] = str(root)
 
 
 def _check_gpus_exist(accelerator: object) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.logger import _add_prefix, _convert_params
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
@@ -20,16 +22,23 @@ from torch import Tensor
 class RunLogger(CSVLogger):
     """:class:`~lightning.pytorch.loggers.CSVLogger` that also writes TensorBoard events.
 
+    ``experiment`` is TensorBoard's ``SummaryWriter``, as with Lightning's TensorBoard logger,
+    so ``self.logger.experiment.add_image(...)`` works in a LightningModule; the CSV writer is
+    ``csv``, and ``metrics.csv`` is written as by the CSV logger.
+
     Args:
-        save_dir: parent folder of the runs.
+        save_dir: parent folder of the runs; None: ``--trainer.default_root_dir`` in the
+            ``fewshot`` CLI, ``runs`` elsewhere.
         name: experiment folder inside ``save_dir``.
         version: run folder name or number (default: the next free ``version_N``).
-        tensorboard: also write TensorBoard events (scalars and histograms).
+        tensorboard: also write TensorBoard events (scalars, histograms, whatever is sent to
+            ``experiment``); False makes ``experiment`` the CSV writer.
     """
 
-    def __init__(self, save_dir: str = "runs", name: str = "lightning_logs",
+    def __init__(self, save_dir: str | None = None, name: str = "lightning_logs",
                  version: int | str | None = None, tensorboard: bool = True) -> None:
-        super().__init__(save_dir=save_dir, name=name, version=version)
+        super().__init__(save_dir="runs" if save_dir is None else save_dir, name=name,
+                         version=version)
         self._tensorboard = tensorboard
         self._writer = None
 
@@ -39,12 +48,29 @@ class RunLogger(CSVLogger):
         if self._writer is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            self.csv  # noqa: B018  the CSV writer first: it warns about a folder already in use
             self._writer = SummaryWriter(log_dir=self.log_dir)
         return self._writer
 
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """TensorBoard's ``SummaryWriter`` (the CSV writer when TensorBoard is off)."""
+        return self.tensorboard if self._tensorboard else self.csv
+
+    @property
+    def csv(self):
+        """The CSV writer behind ``metrics.csv`` and ``hparams.yaml``."""
+        return CSVLogger.experiment.fget(self)
+
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        super().log_metrics(metrics, step)
+        metrics = _add_prefix(dict(metrics), self._prefix, self.LOGGER_JOIN_CHAR)
+        if step is None:
+            step = len(self.csv.metrics)
+        self.csv.log_metrics(metrics, step)
+        if (step + 1) % self._flush_logs_every_n_steps == 0:
+            self.save()
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 if name != "epoch":
@@ -58,11 +84,12 @@ class RunLogger(CSVLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Any, metrics: Any = None) -> None:
-        super().log_hyperparams(params)
+        self.csv.log_hparams(_convert_params(params))
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        super().finalize(status)
+        if self._experiment is not None:  # nothing was logged in this process otherwise
+            self.save()
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
@@ -70,7 +97,7 @@ class RunLogger(CSVLogger):
 
     @rank_zero_only
     def save(self) -> None:
-        super().save()
+        self.csv.save()
         if self._writer is not None:
             self._writer.flush()
 

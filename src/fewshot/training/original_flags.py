@@ -109,9 +109,10 @@ def wandb_options() -> list[str]:
     (first, so the run folder and ``fewshot report`` stay where they are)."""
     if importlib.util.find_spec("wandb") is None:
         raise ValueError(f"--wandb needs the wandb package: {WANDB_INSTALL}")
-    loggers = [{"class_path": "fewshot.training.loggers.RunLogger", "init_args": {"save_dir": "runs"}},
+    # Both write under --trainer.default_root_dir (runs/ by default).
+    loggers = [{"class_path": "fewshot.training.loggers.RunLogger"},
                {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                "init_args": {"save_dir": "runs", "project": "fewshot"}}]
+                "init_args": {"project": "fewshot"}}]
     return [f"--trainer.logger={json.dumps(loggers)}"]
 
 
