@@ -15,13 +15,15 @@ OVERVIEW = """usage: fewshot SUBCOMMAND [options]
 
 Few-shot image classification with MAML, first-order MAML and MAML++.
 
-meta-training and evaluation (LightningCLI, YAML configs in configs/):
-  fit        meta-train:          fewshot fit -c configs/omniglot_5way_1shot_cpu.yaml
+meta-training and evaluation (LightningCLI; shipped configs by name or any YAML file):
+  fit        meta-train:          fewshot fit -c omniglot_5way_1shot_cpu
+  configs    list the shipped configs, one line each
   validate   score validation episodes of a checkpoint
   test       score the test episodes (600 by default) with a 95% confidence interval
 
 using a trained model:
   adapt      adapt to your own support images and classify query images
+  predict    the same as adapt (support and query folders in, predictions out)
   export     write a checkpoint as safetensors + JSON, to share without a pickle
 
 looking at a run:
@@ -55,11 +57,21 @@ def main(args: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return
+    if argv[0] == "configs":
+        from fewshot.configs import config_names, describe_config
+
+        names = config_names()
+        width = max(map(len, names))
+        print("Shipped configs (fewshot fit -c NAME; the files are in "
+              "fewshot/configs/ inside the package):")
+        for name in names:
+            print(f"  {name:<{width}}  {describe_config(name)}")
+        return
     if argv[0] == "report":
         from fewshot.training.report import main as report_main
 
         _exit_on_user_error(lambda: report_main(argv[1:]), (ValueError, FileNotFoundError))
-    elif argv[0] in ("adapt", "export"):
+    elif argv[0] in ("adapt", "predict", "export"):
         # Using a trained model needs no Trainer: plain argparse, no Lightning.
         from fewshot.inference.cli import main as inference_main
 

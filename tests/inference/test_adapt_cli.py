@@ -193,3 +193,17 @@ def test_bad_options_are_usage_errors(run, task, capsys):
     assert exit_info.value.code == 2 and "'toaster' is not a torch device" in capsys.readouterr().err
     expect_user_error(capsys, "adapt", "--checkpoint", run, "--support", support, "--query", query,
                       "--steps", -2, culprit="steps must be an integer >= 0, got -2")
+
+
+def test_predict_is_adapt(run, task, tmp_path):
+    """`fewshot predict` does what its name says: the same predictions as `fewshot adapt`."""
+    support, query = task
+    adapt("--checkpoint", run, "--support", support, "--query", query, "--output",
+          tmp_path / "adapt.json")
+    main(["predict", "--checkpoint", str(run), "--support", str(support), "--query", str(query),
+          "--output", str(tmp_path / "predict.json")])
+    assert json.loads((tmp_path / "predict.json").read_text()) == json.loads(
+        (tmp_path / "adapt.json").read_text())
+    from fewshot.training.cli import FewShotCLI
+
+    assert "predict" not in FewShotCLI.subcommands()  # Lightning's, which cannot run here

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_help = ("an export folder, a run folder (lightning_logs/version_N or its parent) "
                        "or a Lightning .ckpt file")
     adapt = commands.add_parser(
-        "adapt", help="adapt to a new task from a folder of examples and predict new images",
+        "adapt", aliases=["predict"],
+        help="adapt to a new task from a folder of examples and predict new images",
         description="Adapt a meta-trained model to the classes in --support and predict --query.",
     )
     adapt.add_argument("--checkpoint", type=Path, required=True, help=checkpoint_help)

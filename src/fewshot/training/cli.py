@@ -20,6 +20,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fewshot.configs import config_path
 from fewshot.data.download import DatasetNotFoundError, IntegrityError
 from fewshot.inference.checkpoints import describe_load_error
 from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throughput
@@ -39,6 +40,13 @@ TRAINER_DEFAULTS = {
 
 
 class FewShotCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Lightning's `predict` needs a predict_dataloader, which a few-shot task is not:
+        # `fewshot predict` is `fewshot adapt` (support and query folders in).
+        return {name: keys for name, keys in LightningCLI.subcommands().items()
+                if name != "predict"}
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str] | None) -> None:
         # main() hands the command line over itself, after translating the original project's
         # flags; Lightning's warning about arguments given twice would end every command.
@@ -162,6 +170,34 @@ def _is_checkpoint_io(plugin: object) -> bool:
     return isinstance(plugin_class, type) and issubclass(plugin_class, CheckpointIO)
 
 
+def resolve_config_names(argv: Sequence[str]) -> list[str]:
+    """``-c omniglot_5way_1shot_cpu`` -> the shipped config's path (:mod:`fewshot.configs`),
+    when no such file exists where the command runs; files are taken as they are."""
+    resolved, arguments = [], list(argv)
+    for i, argument in enumerate(arguments):
+        flag, equals, value = argument.partition("=")
+        is_config_value = i > 0 and arguments[i - 1] in ("-c", "--config")
+        if flag == "--config" and equals:
+            resolved.append(f"--config={_config_file(value)}")
+        elif is_config_value:
+            resolved.append(str(_config_file(argument)))
+        else:
+            resolved.append(argument)
+    return resolved
+
+
+def _config_file(value: str) -> str:
+    if Path(value).exists():
+        return value
+    shipped = config_path(value)
+    if shipped is not None:
+        return str(shipped)
+    if "/" not in value and not value.endswith((".yaml", ".yml")):
+        raise ValueError(f"-c {value}: no such file, and no shipped config has that name; "
+                         "`fewshot configs` lists them")
+    return value  # a missing file: the parser names it
+
+
 def check_config_files(argv: Sequence[str]) -> None:
     """Name the ``-c``/``--config`` file that is not YAML or not a mapping of options (the
     parser's own message gives a line number but not the file)."""
@@ -216,5 +252,6 @@ USER_ERRORS = (DatasetNotFoundError, IntegrityError, ValueError, FileNotFoundErr
 
 def run(argv: Sequence[str]) -> FewShotCLI:
     """``fewshot fit|validate|test ...``: check the config files, then run LightningCLI."""
+    argv = resolve_config_names(argv)
     check_config_files(argv)
     return build_cli(argv)
