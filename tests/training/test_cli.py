@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -157,8 +158,22 @@ def test_fit_then_test_end_to_end(fake_omniglot, tmp_path, capsys):
     assert result["episodes"] == 6 and len(result["per_step"]) == 2
     assert result["algorithm"]["algorithm"] == "MAML"
     checkpoint = next(tmp_path.rglob("last.ckpt"))
-    main(["test", *common, f"--ckpt_path={checkpoint}"])
+    main(["test", *common, f"--ckpt_path={checkpoint}", "--seed_everything=7"])
     assert "Test accuracy over 6 episodes (3-way 1-shot" in capsys.readouterr().out
+    # Traceable: what the numbers came from.
+    first, second = (json.loads(p.read_text())["provenance"]
+                     for p in sorted(tmp_path.rglob("test_results.json"), key=lambda p: p.stat().st_mtime))
+    assert second["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert second["seed_everything"] == 7 and second["data_seed"] == 0
+    assert second["dataset"] == "omniglot" and second["class_split"] == "maml"
+    assert first["test_episodes_sha256"] == second["test_episodes_sha256"]  # the same 6 tasks
+    assert len(second["test_episodes_sha256"]) == 64
+    assert {"fewshot", "torch", "lightning", "python"} <= set(second["versions"])
+    assert second["git"] is None or len(second["git"]["commit"]) == 40
+    main(["test", *common, f"--ckpt_path={checkpoint}", "--data.seed=1"])
+    third = json.loads(max(tmp_path.rglob("test_results.json"),
+                           key=lambda p: p.stat().st_mtime).read_text())["provenance"]
+    assert third["test_episodes_sha256"] != second["test_episodes_sha256"]  # other tasks
 
 
 def test_early_stopping_on_validation_accuracy_is_configurable():

@@ -8,6 +8,8 @@ batching or the number of DataLoader workers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -69,6 +71,15 @@ def check_task_size(dataset: ClassImages, split: str, ways: int, shots: int, que
         )
 
 
+def draw_task(dataset: ClassImages, ways: int, shots: int, queries: int,
+              rng: np.random.Generator) -> list[tuple[int, list[int]]]:
+    """Which images form one N-way task: ``[(class id, [image indices]), ...]``, the first
+    ``shots`` indices of each class for the support set, the rest for the queries."""
+    class_ids = rng.choice(len(dataset.classes), size=ways, replace=False)
+    return [(int(c), rng.choice(dataset.class_sizes[c], size=shots + queries, replace=False).tolist())
+            for c in class_ids]
+
+
 def sample_task(
     dataset: ClassImages, ways: int, shots: int, queries: int, rng: np.random.Generator
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -76,11 +87,9 @@ def sample_task(
 
     Support and query images are disjoint draws (without replacement) from each class.
     """
-    class_ids = rng.choice(len(dataset.classes), size=ways, replace=False)
     support, query = [], []
-    for class_id in class_ids:
-        picks = rng.choice(dataset.class_sizes[class_id], size=shots + queries, replace=False)
-        images = dataset.load_class_images(int(class_id), picks.tolist())
+    for class_id, picks in draw_task(dataset, ways, shots, queries, rng):
+        images = dataset.load_class_images(class_id, picks)
         support.append(images[:shots])
         query.append(images[shots:])
     labels = torch.arange(ways)
@@ -197,6 +206,18 @@ class EvaluationEpisodes(Dataset[Episodes]):
 
     def __len__(self) -> int:
         return -(-len(self.share) // self.tasks_per_batch)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the whole episode list (every process's share): for each episode, its
+        classes by name and the images drawn from each. Two runs with the same fingerprint
+        were scored on exactly the same tasks."""
+        digest = hashlib.sha256()
+        for index in range(self.episodes):
+            rng = task_rng(self.seed, self.stream, index)
+            drawn = draw_task(self.dataset, self.ways, self.shots, self.queries, rng)
+            digest.update(json.dumps([[self.dataset.classes[c], picks] for c, picks in drawn])
+                          .encode())
+        return digest.hexdigest()
 
     def task(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rng = task_rng(self.seed, self.stream, index)

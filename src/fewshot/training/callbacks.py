@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from fewshot.core.evaluation import format_test_result
 from fewshot.training.loggers import run_folder
+from fewshot.training.provenance import provenance
 
 
 class NonFinitePolicy(Callback):
@@ -94,12 +95,17 @@ class Throughput(Callback):
 
 
 class TestResultsWriter(Callback):
-    """Writes ``test_results.json`` in the run folder after testing, and prints the summary."""
+    """Writes ``test_results.json`` in the run folder after testing, and prints the summary.
+
+    The file records, besides the accuracies, where they came from
+    (:mod:`fewshot.training.provenance`): seeds, class split, the checkpoint's SHA-256, a hash of
+    the test episodes, the git commit and the versions."""
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = getattr(pl_module, "test_result", None)
         if result is None or not trainer.is_global_zero:
             return
+        result = {**result, "provenance": provenance(trainer)}
         directory = run_folder(trainer)  # not trainer.log_dir: a collective, rank 0 is alone here
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "test_results.json"
