@@ -62,7 +62,7 @@ class PicklePayload:
 
 
 def test_export_round_trips_to_identical_predictions(run, export):
-    assert sorted(p.name for p in export.iterdir()) == ["fewshot.json", "model.safetensors"]
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "fewshot.json", "model.safetensors"]
     assert torch.equal(predictions_of(fewshot.load(export)), predictions_of(fewshot.load(run)))
     for path in (export / "fewshot.json", export / "model.safetensors"):  # either file will do
         assert torch.equal(predictions_of(fewshot.load(path)), predictions_of(fewshot.load(run)))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fewshot.algorithms import MAML, MAMLPlusPlus
@@ -157,6 +158,19 @@ def test_fit_then_test_end_to_end(fake_omniglot, tmp_path, capsys):
     result = json.loads(results[0].read_text())
     assert result["episodes"] == 6 and len(result["per_step"]) == 2
     assert result["algorithm"]["algorithm"] == "MAML"
+    # The export of the tested checkpoint carries a model card with that result.
+    run_folder = results[0].parent
+    main(["export", "--checkpoint", str(run_folder), "--output", str(tmp_path / "export"),
+          "--training-note", "Trained for a test."])
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"{100 * result['accuracy']:.2f} +- {100 * result['ci95']:.2f}%" in card
+    for expected in ("over 6 test episodes", "omniglot (class split: ", "3-way 1-shot", "MAML (",
+                     "Conv4 (", "28x28 grayscale", "2 meta-iterations", "Trained for a test.",
+                     "fewshot adapt --checkpoint", "fewshot.load(", f"torch {torch.__version__}"):
+        assert expected in card, expected
+    metadata = json.loads((tmp_path / "export" / "fewshot.json").read_text())
+    assert metadata["source"]["test"]["episodes_sha256"] == result["provenance"]["test_episodes_sha256"]
+    assert metadata["source"]["checkpoint_sha256"] == result["provenance"]["checkpoint_sha256"]
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     main(["test", *common, f"--ckpt_path={checkpoint}", "--seed_everything=7"])
     assert "Test accuracy over 6 episodes (3-way 1-shot" in capsys.readouterr().out

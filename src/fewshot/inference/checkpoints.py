@@ -9,6 +9,8 @@ prepared comes from the data-module settings Lightning stores in the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -104,8 +106,7 @@ def read_lightning_checkpoint(path: Path) -> ModelFiles:
                                                   data["image_size"], data["channels"])
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from error
-    source = {"checkpoint": path.name, "global_step": checkpoint.get("global_step"),
-              "dataset": data.get("dataset"), "class_split": data.get("class_split")}
+    source = _source(path, checkpoint, data)
     state_dict = dict(state_dict)
     if "algorithm" in hyper_parameters:
         metadata = make_metadata(backbone, hyper_parameters.get("ways", 5),
@@ -123,6 +124,33 @@ def read_lightning_checkpoint(path: Path) -> ModelFiles:
                                     metadata["inner_optimizer"], preprocessing, source),
                     "upgraded_from_format": 1}
     return ModelFiles(metadata, state_dict, path)
+
+
+def _source(path: Path, checkpoint: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Where a checkpoint came from, for the export's metadata and model card: its step and
+    hash, the data settings, the training time (the Timer of a time-limited run) and the
+    test result of its run folder when that test scored this very checkpoint."""
+    checkpoint_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    timers = [state for name, state in (checkpoint.get("callbacks") or {}).items()
+              if str(name).startswith("Timer") and isinstance(state, dict)]
+    elapsed = (timers[0].get("time_elapsed") or {}) if timers else {}
+    source = {"checkpoint": path.name, "checkpoint_sha256": checkpoint_sha256,
+              "global_step": checkpoint.get("global_step"), "dataset": data.get("dataset"),
+              "class_split": data.get("class_split"), "data_seed": data.get("seed"),
+              "shots": data.get("shots"),
+              "training_seconds": round(float(sum(elapsed.values())), 1) if elapsed else None,
+              "versions": {"torch": torch.__version__}}
+    results = path.parent.parent / "test_results.json"
+    try:
+        test = json.loads(results.read_text()) if results.is_file() else None
+    except (OSError, ValueError):
+        test = None
+    if isinstance(test, dict) and (test.get("provenance") or {}).get(
+            "checkpoint_sha256") == checkpoint_sha256:
+        source["test"] = {key: test.get(key) for key in ("accuracy", "ci95", "episodes",
+                                                         "inner_steps", "ways", "shots")}
+        source["test"]["episodes_sha256"] = test["provenance"].get("test_episodes_sha256")
+    return source
 
 
 def _load_weights_only(path: Path) -> Any:

@@ -152,8 +152,9 @@ def _write(path: Path, report: dict[str, Any], predictions: Predictions) -> None
 
 def run_export(args: argparse.Namespace) -> Path:
     learner = load(args.checkpoint)
-    directory = learner.save(args.output)
-    print(f"Exported {learner.model_files.source} to {directory}/ (model.safetensors + fewshot.json)")
+    directory = learner.save(args.output, note=args.training_note)
+    print(f"Exported {learner.model_files.source} to {directory}/ (model.safetensors, "
+          "fewshot.json and the model card README.md)")
     return directory
 
 
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--checkpoint", type=Path, required=True, help=checkpoint_help)
     export.add_argument("--output", type=Path, required=True, help="folder to write")
+    export.add_argument("--training-note", default=None,
+                        help="how the model was trained, for its model card (README.md)")
     export.set_defaults(run=run_export)
     return parser
 

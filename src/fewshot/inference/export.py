@@ -40,6 +40,7 @@ from fewshot.algorithms import Adapted, Algorithm, build_algorithm
 from fewshot.core.inner_optimizers import build_inner_optimizer
 from fewshot.inference.format1 import upgrade_format1
 from fewshot.inference.images import Preprocessing
+from fewshot.inference.model_card import CARD_FILE, model_card
 from fewshot.models import FewShotClassifier, build_backbone
 
 FORMAT = "fewshot-export"
@@ -81,8 +82,11 @@ def make_metadata(
     }
 
 
-def write_export(model: ModelFiles, directory: str | Path) -> Path:
-    """Write ``model`` as ``directory/model.safetensors`` + ``directory/fewshot.json``."""
+def write_export(model: ModelFiles, directory: str | Path, note: str | None = None,
+                 name: str | None = None) -> Path:
+    """Write ``model`` as ``directory/model.safetensors`` + ``directory/fewshot.json``, with a
+    model card (``README.md``, :mod:`fewshot.inference.model_card`); ``note`` (how it was
+    trained) goes into both."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -90,7 +94,10 @@ def write_export(model: ModelFiles, directory: str | Path) -> Path:
         tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict.items()}
         _atomic_write(weights, safetensors.torch.save(tensors))
         metadata = {**model.metadata, "weights_sha256": _sha256(weights.read_bytes())}
+        if note:
+            metadata["note"] = note
         _atomic_write(directory / METADATA_FILE, (json.dumps(metadata, indent=2) + "\n").encode())
+        _atomic_write(directory / CARD_FILE, model_card(metadata, name).encode())
     except OSError as error:
         raise CheckpointError(f"cannot write the export to {directory}: {error}") from error
     return directory

@@ -227,9 +227,10 @@ class Learner:
         return Predictor(model, adapted, classes, support_x, self.preprocessing,
                          self.batch_dependent, adapted.steps_taken, lr, reset_head)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write this model as an export folder (safetensors + JSON) that :func:`load` reads."""
-        return write_export(self.model_files, directory)
+    def save(self, directory: str | Path, note: str | None = None) -> Path:
+        """Write this model as an export folder (safetensors + JSON + model card) that
+        :func:`load` reads; ``note`` says how it was trained, in the card."""
+        return write_export(self.model_files, directory, note=note)
 
     def _meta_learner(self, ways: int, reset_head: bool) -> AdaptableModel:
         key = (ways, reset_head)
