@@ -29,19 +29,25 @@ from fewshot.inference.export import (
 )
 from fewshot.inference.format1 import upgrade_format1
 from fewshot.inference.images import Preprocessing
+from fewshot.pretrained import pretrained_names, pretrained_path
 
 CONV4_WEIGHTS = [f"network.features.blocks.{index}.weight" for index in (0, 4, 8, 12)]
 
 
 def read_model(path: str | Path) -> ModelFiles:
-    """Read a model from an export, a run folder or a Lightning checkpoint file.
+    """Read a model from an export, a run folder, a Lightning checkpoint file, or the name of a
+    model shipped in the package (:mod:`fewshot.pretrained`, e.g. ``omniglot-5way-1shot``).
 
     A run folder is ``lightning_logs/version_N`` (or a folder holding such versions, of which
     the latest is used); its ``checkpoints/best-*.ckpt`` is preferred over ``last.ckpt``.
     """
     path = Path(path).expanduser()
+    if not path.exists() and pretrained_path(str(path)) is not None:
+        path = pretrained_path(str(path))  # a model shipped in the package, by name
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        shipped = ", ".join(pretrained_names()) or "none"
+        raise CheckpointError(f"checkpoint {path} does not exist (nor is it the name of a model "
+                              f"shipped with fewshot: {shipped})")
     if path.is_dir():
         if (path / METADATA_FILE).exists() or (path / WEIGHTS_FILE).exists():
             return read_export(path)
