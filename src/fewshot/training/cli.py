@@ -104,13 +104,15 @@ class FewShotCLI(LightningCLI):
         if not any(_is_checkpoint_io(plugin) for plugin in plugins):
             trainer["plugins"] = [*plugins, Namespace(
                 class_path="fewshot.training.checkpoint_io.AtomicCheckpointIO", init_args=Namespace())]
-        # A Rich progress bar on a terminal; Lightning's plain one elsewhere (logs, CI), none
-        # with --trainer.enable_progress_bar false.
-        if trainer.get("enable_progress_bar", True) is not False and sys.stdout.isatty():
+        # A Rich progress bar on a terminal, a plain one elsewhere (logs, CI), both showing the
+        # iteration and, for a time-limited run, the time left (fewshot.training.progress);
+        # none with --trainer.enable_progress_bar false.
+        if trainer.get("enable_progress_bar", True) is not False:
             callbacks = list(trainer.get("callbacks") or [])
             if not any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks):
+                bar = "MetaRichProgressBar" if sys.stdout.isatty() else "MetaProgressBar"
                 trainer["callbacks"] = [*callbacks, Namespace(
-                    class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace())]
+                    class_path=f"fewshot.training.progress.{bar}", init_args=Namespace())]
 
     def _resume_from_the_last_run(self) -> None:
         # --ckpt_path last: the last checkpoint of the previous runs, not of this new one.
