@@ -149,8 +149,6 @@ def test_query_and_image_errors_name_the_culprit(run, task, capsys):
     expect_user_error(capsys, *common, query / "missing.png", culprit="missing.png does not exist")
     (query / "empty").mkdir()
     expect_user_error(capsys, *common, query / "empty", culprit="query folder")
-    Image.new("L", (105, 50), 255).save(query / "wide.png")
-    expect_user_error(capsys, *common, query, culprit="wide.png is 105x50, not square")
     (query / "wide.png").write_bytes(b"garbage")
     expect_user_error(capsys, *common, query, culprit="wide.png is not a readable image")
 

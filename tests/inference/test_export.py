@@ -87,7 +87,7 @@ def test_export_metadata_holds_everything_needed_to_rebuild_the_model(run, expor
     assert metadata["inner_optimizer"] == {"class_path": "fewshot.core.inner_optimizers.sgd.SGD",
                                            "init_args": {}}
     assert metadata["preprocessing"] == {"channels": 1, "image_size": 28, "invert": True,
-                                         "mean": [0.0], "std": [1.0], "resize": "lanczos"}
+                                         "mean": [0.0], "std": [1.0], "resize": "squash"}
     assert metadata["source"]["checkpoint"].endswith(".ckpt") and metadata["source"]["dataset"] == "omniglot"
     weights = safetensors.torch.load_file(export / "model.safetensors")
     checkpoint = torch.load(next(run.glob("checkpoints/best*.ckpt")), weights_only=True)

@@ -29,7 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fewshot.data.download import IntegrityError
 
-__all__ = ["BadImageError", "ImageSource", "ZipMember", "decode_encoded_images",
+__all__ = ["RESIZE_POLICIES", "BadImageError", "ImageSource", "ZipMember", "check_resize_policy",
+           "decode_encoded_images",
            "decode_image_files", "prepare_image",
            "prepare_image_array", "report_bad_images"]
 
@@ -80,14 +81,43 @@ def _close_open_zips() -> None:
     _open_zips.clear()
 
 
-def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
-    """A PIL image as uint8 ``[channels, size, size]`` (see the module docstring for the steps)."""
+# How a non-square image becomes the square the model takes: ``squash`` resizes it whole (the
+# aspect ratio changes), ``crop`` keeps the largest centred square, ``pad`` adds white margins
+# (paper, as for transparent pixels) to the shorter side. Chosen per training dataset and
+# recorded in the model's preprocessing, so new images are prepared the same way.
+RESIZE_POLICIES = ("squash", "crop", "pad")
+
+
+def check_resize_policy(resize: str) -> None:
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
+
+
+def _square(image: Image.Image, resize: str) -> Image.Image:
+    width, height = image.size
+    if width == height or resize == "squash":
+        return image
+    side = min(width, height) if resize == "crop" else max(width, height)
+    if resize == "crop":
+        left, top = (width - side) // 2, (height - side) // 2
+        return image.crop((left, top, left + side, top + side))
+    fill = 255 if image.mode == "L" else (255, 255, 255)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def prepare_image(image: Image.Image, size: int, channels: int,
+                  resize: str = "squash") -> np.ndarray:
+    """A PIL image as uint8 ``[channels, size, size]`` (see the module docstring for the steps;
+    ``resize``: one of :data:`RESIZE_POLICIES`)."""
+    check_resize_policy(resize)
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         # Transparent pixels become white paper; dropping alpha would make them black.
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    image = image.convert("L" if channels == 1 else "RGB")
+    image = _square(image.convert("L" if channels == 1 else "RGB"), resize)
     if image.size != (size, size):
         image = image.resize((size, size), Image.LANCZOS)
     pixels = np.asarray(image, dtype=np.uint8)
@@ -111,7 +141,8 @@ def prepare_image_array(images: np.ndarray, size: int, channels: int) -> np.ndar
     return out
 
 
-def _decode_file(source: ImageSource, size: int, channels: int) -> np.ndarray | str:
+def _decode_file(source: ImageSource, size: int, channels: int,
+                 resize: str = "squash") -> np.ndarray | str:
     """The decoded image, or why the file is not a usable image."""
     try:
         if isinstance(source, ZipMember):
@@ -130,7 +161,7 @@ def _decode_file(source: ImageSource, size: int, channels: int) -> np.ndarray | 
             opened = Image.open(source)
         with opened as image:
             image.load()  # decodes everything now, so a truncated file fails here
-            return prepare_image(image, size, channels)
+            return prepare_image(image, size, channels, resize)
     except UnidentifiedImageError:
         return "not an image PIL can read"
     except Image.DecompressionBombError as exc:
@@ -139,13 +170,13 @@ def _decode_file(source: ImageSource, size: int, channels: int) -> np.ndarray | 
         return f"corrupt or truncated ({exc})"
 
 
-def _decode_chunk(task: tuple[list[ImageSource], int, int]
+def _decode_chunk(task: tuple[list[ImageSource], int, int, str]
                   ) -> tuple[list[np.ndarray | None], list[str]]:
-    sources, size, channels = task
+    sources, size, channels, resize = task
     images: list[np.ndarray | None] = []
     problems: list[str] = []
     for source in sources:
-        result = _decode_file(source, size, channels)
+        result = _decode_file(source, size, channels, resize)
         images.append(None if isinstance(result, str) else result)
         problems.append(result if isinstance(result, str) else "")
     return images, problems
@@ -165,7 +196,8 @@ def _progress(results: Iterator, total: int, description: str) -> Iterator:
 
 
 def decode_image_files(paths: Sequence[ImageSource], size: int, channels: int,
-                       description: str = "Decoding images") -> tuple[np.ndarray, list[tuple[str, str]]]:
+                       description: str = "Decoding images", resize: str = "squash"
+                       ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Decode ``paths`` (files, or :class:`ZipMember` s) into uint8 ``[n_good, channels, size,
     size]``, in order.
 
@@ -174,7 +206,7 @@ def decode_image_files(paths: Sequence[ImageSource], size: int, channels: int,
     run in a pool of forked processes.
     """
     sources = [p if isinstance(p, ZipMember) else str(p) for p in paths]
-    tasks = [(sources[i:i + _FILES_PER_TASK], size, channels)
+    tasks = [(sources[i:i + _FILES_PER_TASK], size, channels, resize)
              for i in range(0, len(sources), _FILES_PER_TASK)]
     workers = min(os.cpu_count() or 1, 8)
     # Daemonic processes (e.g. DataLoader workers) may not have children; fork because spawn
@@ -195,7 +227,7 @@ def decode_image_files(paths: Sequence[ImageSource], size: int, channels: int,
         _close_open_zips()
     good: list[np.ndarray] = []
     bad: list[tuple[str, str]] = []
-    for (task_sources, _, _), (images, problems) in zip(tasks, chunks, strict=True):
+    for (task_sources, _, _, _), (images, problems) in zip(tasks, chunks, strict=True):
         for source, image, problem in zip(task_sources, images, problems, strict=True):
             if image is None:
                 bad.append((str(source), problem))

@@ -29,7 +29,7 @@ from fewshot.data.class_images import (
     file_entries,
 )
 from fewshot.data.download import DatasetNotFoundError
-from fewshot.data.image_decoding import ImageSource, decode_image_files
+from fewshot.data.image_decoding import ImageSource, check_resize_policy, decode_image_files
 from fewshot.data.split_cache import StoredSplit, cache_root
 
 __all__ = ["ImageFolder", "decode_class_folders", "list_class_folders", "split_folders_of"]
@@ -85,12 +85,12 @@ def split_folders_of(root: Path) -> dict[str, Path] | None:
 
 
 def decode_class_folders(classes: dict[str, Sequence[ImageSource]], image_size: int,
-                         channels: int, description: str) -> StoredSplit:
+                         channels: int, description: str, resize: str = "squash") -> StoredSplit:
     """Decode every class's files (or zip members) into a :class:`StoredSplit`, recording
     unreadable files."""
     names = list(classes)
     files = [path for name in names for path in classes[name]]
-    images, bad = decode_image_files(files, image_size, channels, description)
+    images, bad = decode_image_files(files, image_size, channels, description, resize)
     bad_paths = {path for path, _ in bad}
     sizes = [sum(str(p) not in bad_paths for p in classes[name]) for name in names]
     return StoredSplit(images, names, sizes, skipped=bad)
@@ -121,6 +121,9 @@ class ImageFolder(CachedClassImages):
         transform, target_transform: applied to each image / class id by ``__getitem__`` and
             ``load_class_images`` (images are float ``[C, S, S]`` in ``[0, 1]``).
         download: user data cannot be downloaded; True is an error.
+        resize: how a non-square image becomes square: ``squash`` (resize it whole),
+            ``crop`` (the centred square) or ``pad`` (white margins); recorded in the trained
+            model, so ``fewshot adapt`` prepares new images the same way.
 
     Example:
         >>> ImageFolder("my_data", split="train", image_size=84, channels=3)  # doctest: +SKIP
@@ -137,9 +140,10 @@ class ImageFolder(CachedClassImages):
                  skip_bad_images: bool = False, split_seed: int = 0,
                  split_fractions: tuple[float, float, float] = (0.64, 0.16, 0.20),
                  transform: Callable | None = None, target_transform: Callable | None = None,
-                 download: bool = False) -> None:
+                 download: bool = False, resize: str = "squash") -> None:
         check_split_name(split)
         check_image_options(image_size, channels)
+        check_resize_policy(resize)
         if download:
             raise ValueError("dataset 'folder' is your own data and cannot be downloaded; "
                              "set download=False")
@@ -159,10 +163,13 @@ class ImageFolder(CachedClassImages):
         if not classes:
             raise DatasetNotFoundError(f"{what} has no class folders")
         files = [path for name in classes for path in classes[name]]
-        source = [str(self.root.resolve()), *classes, *file_entries(files, self.root)]
+        source = [str(self.root.resolve()), f"resize:{resize}", *classes,
+                  *file_entries(files, self.root)]
+        self.resize = resize
         self._use_cache(
             cache_root(cache_dir) / "folder", "folder", split, source,
-            lambda: decode_class_folders(classes, image_size, channels, f"Decoding {what}"),
+            lambda: decode_class_folders(classes, image_size, channels, f"Decoding {what}",
+                                         resize),
             skip_bad_images, what)
 
     def _split_classes(self, class_split: str | Path | None, seed: int,

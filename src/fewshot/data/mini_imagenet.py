@@ -35,7 +35,7 @@ from fewshot.data.download import (
     check_download,
     extract_archive,
 )
-from fewshot.data.image_decoding import prepare_image_array
+from fewshot.data.image_decoding import check_resize_policy, prepare_image_array
 from fewshot.data.image_folder import decode_class_folders, list_class_folders, split_folders_of
 from fewshot.data.mirror import download_from_mirror
 from fewshot.data.safe_pickle import load_pickle
@@ -74,6 +74,8 @@ class MiniImageNet(CachedClassImages):
         skip_bad_images: leave unreadable image files out with one warning instead of failing.
         transform, target_transform: as in torchvision, applied per image / class id.
         split_seed: accepted for a uniform interface; the class split is fixed.
+        resize: how the full-size JPEGs of the folder distribution become square (``squash``,
+            ``crop`` or ``pad``); the pickles are square already.
 
     Example:
         >>> train = MiniImageNet("data/mini_imagenet", split="train")  # doctest: +SKIP
@@ -97,9 +99,10 @@ class MiniImageNet(CachedClassImages):
                  image_size: int = 84, channels: int = 3, download: bool = False,
                  cache_dir: str | Path | None = None, skip_bad_images: bool = False,
                  transform: Callable | None = None, target_transform: Callable | None = None,
-                 split_seed: int = 0) -> None:
+                 split_seed: int = 0, resize: str = "squash") -> None:
         check_split_name(split)
         check_image_options(image_size, channels)
+        check_resize_policy(resize)
         if class_split not in (None, "ravi"):
             raise ValueError(f"mini-ImageNet comes with Ravi & Larochelle's class split; "
                              f"class_split must be None or 'ravi', got {class_split!r}")
@@ -128,10 +131,10 @@ class MiniImageNet(CachedClassImages):
         self._check_structure(folders.get(split, self.root / split),
                               {c: len(f) for c, f in classes.items()})
         files = [path for name in classes for path in classes[name]]
-        source = ["folders", *file_entries(files, folders[split].parent)]
+        source = ["folders", f"resize:{resize}", *file_entries(files, folders[split].parent)]
         self._use_cache(cache, "mini_imagenet", split, source,
                         lambda: decode_class_folders(classes, image_size, channels,
-                                                     f"Decoding {what}"),
+                                                     f"Decoding {what}", resize),
                         skip_bad_images, what)
 
     def _pickle_path(self, split: str) -> Path | None:

@@ -109,7 +109,8 @@ def read_lightning_checkpoint(path: Path) -> ModelFiles:
         backbone = _infer_conv4(state_dict, data, path)
     try:
         preprocessing = Preprocessing.for_dataset(data.get("dataset", "omniglot"),
-                                                  data["image_size"], data["channels"])
+                                                  data["image_size"], data["channels"],
+                                                  data.get("resize") or "squash")
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from error
     source = _source(path, checkpoint, data)

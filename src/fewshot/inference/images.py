@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from fewshot.data.image_decoding import prepare_image
+from fewshot.data.image_decoding import check_resize_policy, prepare_image
 from fewshot.data.registry import dataset_preprocessing
 
 ImageInput = str | Path | Image.Image | Tensor
@@ -41,6 +41,8 @@ class Preprocessing:
         image_size: side of the square the model takes.
         invert: ``255 - pixel`` before scaling (Omniglot: dark strokes become bright).
         mean, std: per channel, applied after scaling to ``[0, 1]``: ``(x - mean) / std``.
+        resize: how a non-square image becomes square, as the training data did (``squash``,
+            ``crop`` or ``pad``; :data:`fewshot.data.image_decoding.RESIZE_POLICIES`).
     """
 
     channels: int
@@ -48,6 +50,7 @@ class Preprocessing:
     invert: bool = False
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    resize: str = "squash"
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -60,16 +63,19 @@ class Preprocessing:
                 raise ValueError(f"preprocessing {name} needs 1 or {self.channels} values, got {list(values)}")
         if not all(s > 0 for s in self.std):
             raise ValueError(f"preprocessing std must be positive, got {list(self.std)}")
+        check_resize_policy(self.resize)
 
     @classmethod
-    def for_dataset(cls, dataset: str, image_size: int, channels: int) -> Preprocessing:
+    def for_dataset(cls, dataset: str, image_size: int, channels: int,
+                    resize: str = "squash") -> Preprocessing:
         """The preprocessing of a registered dataset (:mod:`fewshot.data.registry`), as its
-        class declares it."""
-        return cls(channels=channels, image_size=image_size, **dataset_preprocessing(dataset))
+        class declares it, with the resize policy the training data used."""
+        return cls(channels=channels, image_size=image_size, resize=resize,
+                   **dataset_preprocessing(dataset))
 
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
-        return {**fields, "mean": list(self.mean), "std": list(self.std), "resize": "lanczos"}
+        return {**fields, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> Preprocessing:
@@ -80,6 +86,9 @@ class Preprocessing:
                 invert=bool(fields.get("invert", False)),
                 mean=tuple(float(v) for v in fields.get("mean", (0.0,))),
                 std=tuple(float(v) for v in fields.get("std", (1.0,))),
+                # Exports before the policy was chosen wrote "lanczos": they squashed.
+                resize={"lanczos": "squash"}.get(fields.get("resize"),
+                                                 fields.get("resize") or "squash"),
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"preprocessing needs {sorted(known)}, got {fields!r} ({error})") from error
@@ -113,16 +122,10 @@ class Preprocessing:
         return torch.stack(tensors), names
 
     def _prepared_pil(self, image: Image.Image, name: str) -> Tensor:
-        # Training data may be squashed to a square; a user's photo should not be, silently.
-        width, height = ImageOps.exif_transpose(image).size
-        if width != height:
-            raise ImageError(
-                f"{name} is {width}x{height}, not square: resizing it to {self.image_size}x"
-                f"{self.image_size} would distort it. Crop or pad it to a square first."
-            )
         # The datasets' own decoding step (rotation flag, transparency as white paper,
-        # grayscale or RGB, LANCZOS resize), so new images are prepared exactly like them.
-        pixels = prepare_image(image, self.image_size, self.channels)
+        # grayscale or RGB, the training data's resize policy for non-square images, LANCZOS),
+        # so new images are prepared exactly like them.
+        pixels = prepare_image(image, self.image_size, self.channels, self.resize)
         if self.invert:
             pixels = 255 - pixels
         return self._normalised(torch.from_numpy(pixels.copy()).float().div_(255.0))

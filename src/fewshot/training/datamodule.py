@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -68,6 +70,9 @@ class FewShotDataModule(LightningDataModule):
             :class:`fewshot.data.augmentation.Augmentation`; validation and test are never
             augmented.
         augment_per: ``image`` (independent draws) or ``task`` (one draw per task).
+        resize: how non-square images become square: ``squash``, ``crop`` (centred) or ``pad``
+            (white margins); for datasets of files (``folder``, mini-ImageNet's folders). The
+            trained model records it, and ``fewshot adapt`` prepares new photos the same way.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class FewShotDataModule(LightningDataModule):
         horizontal_flip: bool = False,
         color_jitter: float = 0.0,
         augment_per: AugmentPer = "image",
+        resize: Literal["squash", "crop", "pad"] = "squash",
     ) -> None:
         super().__init__()
         dataset_class(dataset).check_channels(channels)
@@ -112,9 +118,13 @@ class FewShotDataModule(LightningDataModule):
         hp = self.hparams
         if split not in self._splits:
             # Every registered dataset takes these options (fewshot.data.class_images).
-            dataset = dataset_class(hp.dataset)(
+            cls = dataset_class(hp.dataset)
+            # Datasets of square images have no resize option.
+            extra = ({"resize": hp.resize}
+                     if "resize" in inspect.signature(cls.__init__).parameters else {})
+            dataset = cls(
                 self.root, split=split, class_split=class_split_for(hp.dataset, hp.class_split),
-                image_size=hp.image_size,
+                image_size=hp.image_size, **extra,
                 channels=hp.channels, download=download, cache_dir=hp.cache_dir,
                 skip_bad_images=hp.skip_bad_images, split_seed=hp.split_seed)
             self._splits[split] = dataset
