@@ -252,8 +252,26 @@ USER_ERRORS = (DatasetNotFoundError, IntegrityError, ValueError, FileNotFoundErr
                MisconfigurationException)
 
 
-def run(argv: Sequence[str]) -> FewShotCLI:
-    """``fewshot fit|validate|test ...``: check the config files, then run LightningCLI."""
+# Defaults the CLI sets over the classes' own, for the concise help.
+HELP_DEFAULTS = {**{f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()},
+                 "trainer.logger": "RunLogger (CSV + TensorBoard)", "model.backbone": "Conv4",
+                 "model.inner_optimizer": "SGD", "model.executor": "Auto",
+                 "model.algorithm": "MAML", "checkpoint.monitor": "val/acc",
+                 "checkpoint.mode": "max", "checkpoint.save_last": True,
+                 "checkpoint.filename": "best-{step}", "checkpoint.auto_insert_metric_name": False}
+
+
+def run(argv: Sequence[str]) -> FewShotCLI | None:
+    """``fewshot fit|validate|test ...``: check the config files, then run LightningCLI.
+
+    ``--help`` prints the concise help (:mod:`fewshot.training.help`); ``--help-all``
+    LightningCLI's full one."""
+    if argv and argv[0] in ("fit", "validate", "test") and ("-h" in argv or "--help" in argv):
+        from fewshot.training.help import concise_help
+
+        print(concise_help(argv[0], HELP_DEFAULTS))
+        return None
+    argv = ["--help" if a == "--help-all" else a for a in argv]
     argv = resolve_config_names(argv)
     check_config_files(argv)
     return build_cli(argv)

@@ -43,7 +43,8 @@ class FewShotDataModule(LightningDataModule):
             ``root/{train,val,test}/<class>/<images>`` or ``root/<class>/<images>``).
         root: folder with the dataset's archives or extracted folders (default: see
             :func:`default_root`).
-        download: download the official archives into ``root`` if missing (Omniglot, CIFAR-FS).
+        download: fetch the dataset into ``root`` if missing (Omniglot, CIFAR-FS: the official
+            archives; mini-ImageNet, tiered-ImageNet, FC100: the mirror learn2learn uses).
         class_split: which classes form train/val/test; None is the dataset's standard split,
             and so is a split that only another dataset knows (``maml`` of an Omniglot config
             pointed at ``--data.dataset folder``).
@@ -54,10 +55,13 @@ class FewShotDataModule(LightningDataModule):
             folders), ``random`` (seeded by ``split_seed``) or a folder of split files.
         image_size: images are resized to ``image_size x image_size``.
         channels: image channels the model expects: 1 (Omniglot; grayscale) or 3 (RGB).
-        ways, shots, queries: N, K and query images per class of training tasks.
+        ways: N, classes per task (training and evaluation).
+        shots: K, support images per class.
+        queries: query images per class of training tasks.
         meta_batch_size: tasks per training meta-batch.
         eval_queries: query images per class of validation and test tasks.
-        val_episodes, test_episodes: number of fixed validation / test tasks.
+        val_episodes: number of fixed validation tasks (scored at every validation).
+        test_episodes: number of fixed test tasks (600 in the literature).
         eval_batch_size: tasks per evaluation batch (default ``meta_batch_size``).
         steps_per_epoch: meta-iterations per epoch.
         seed: determines every task (training tasks by global step, evaluation tasks by index).
@@ -66,9 +70,11 @@ class FewShotDataModule(LightningDataModule):
             ``~/.cache/fewshot``).
         skip_bad_images: leave unreadable image files out with one warning instead of failing.
         split_seed: seed of seeded class splits (Omniglot ``maml``, folder ``random``).
-        random_crop_padding, horizontal_flip, color_jitter: training augmentation, see
-            :class:`fewshot.data.augmentation.Augmentation`; validation and test are never
-            augmented.
+        random_crop_padding: training augmentation: zero-pad by this many pixels, then crop
+            back at a random offset (0: off); validation and test are never augmented.
+        horizontal_flip: training augmentation: flip half of the images left-right.
+        color_jitter: training augmentation: brightness, contrast and saturation factors
+            drawn from ``[1 - x, 1 + x]`` (0: off).
         augment_per: ``image`` (independent draws) or ``task`` (one draw per task).
         resize: how non-square images become square: ``squash``, ``crop`` (centred) or ``pad``
             (white margins); for datasets of files (``folder``, mini-ImageNet's folders). The

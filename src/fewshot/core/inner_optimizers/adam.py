@@ -34,7 +34,8 @@ class Adam(InnerOptimizer):
     derivative is unbounded where a gradient is zero (kept to measure the difference).
 
     Args:
-        beta1, beta2: decays of the first and second moments, in ``[0, 1)``.
+        beta1: decay of the first moment (the mean of the gradients), in ``[0, 1)``.
+        beta2: decay of the second moment (the mean of their squares), in ``[0, 1)``.
         eps: the smoothing term (1e-3: see the module docstring).
         eps_inside_sqrt: put ``eps**2`` inside the square root (finite second order).
     """
