@@ -44,6 +44,17 @@ def test_the_wheel_holds_configs_license_and_no_repository_paths(installed):
     assert "fewshot/configs/omniglot_5way_1shot_cpu.yaml" in names
     assert "fewshot/configs/sweeps/wandb_sweep.yaml" in names
     assert any(name.endswith("licenses/LICENSE") for name in names)
+    for part in ("model.safetensors", "fewshot.json", "README.md"):
+        assert f"fewshot/pretrained/omniglot-5way-1shot/{part}" in names
+
+
+def test_the_shipped_model_loads_by_name_after_installing(installed, tmp_path):
+    _, bin_folder = installed
+    loaded = run(bin_folder, tmp_path, "python", "-c",
+                 "import fewshot; learner = fewshot.load('omniglot-5way-1shot'); "
+                 "print(learner.model_files.source)")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert str(bin_folder.parent) in loaded.stdout  # read from the installed package
 
 
 def test_a_config_runs_by_name_from_any_folder(installed, tmp_path):
