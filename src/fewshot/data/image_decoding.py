@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -238,18 +239,20 @@ def decode_image_files(paths: Sequence[ImageSource], size: int, channels: int,
     return stacked, bad
 
 
-def decode_encoded_images(blobs: Sequence[bytes], names: Sequence[str], size: int, channels: int,
+def decode_encoded_images(blobs: Sequence[Any], size: int, channels: int,
                           description: str = "Decoding images"
-                          ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode images held in memory as encoded bytes (the PNGs of tiered-ImageNet's pickles)
-    into uint8 ``[n_good, channels, size, size]``, in order, with ``(name, reason)`` for each
-    blob that is not a usable image (named by ``names``)."""
+                          ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode images held in memory as encoded bytes (or uint8 arrays of them, as in
+    tiered-ImageNet's pickles) into uint8 ``[n_good, channels, size, size]``, in order, with
+    ``(index, reason)`` for each blob that is not a usable image. Each blob is turned into bytes
+    only when decoded, so the encoded images are never held twice."""
 
-    def decode(blob: bytes) -> np.ndarray | str:
-        if len(blob) == 0:
+    def decode(blob: Any) -> np.ndarray | str:
+        data = np.asarray(blob, dtype=np.uint8).tobytes()
+        if not data:
             return "empty image (0 bytes)"
         try:
-            with Image.open(io.BytesIO(blob)) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 return prepare_image(image, size, channels)
         except UnidentifiedImageError:
@@ -261,18 +264,11 @@ def decode_encoded_images(blobs: Sequence[bytes], names: Sequence[str], size: in
 
     def chunks() -> Iterator[tuple[list[np.ndarray | str], None]]:
         for start in range(0, len(blobs), _FILES_PER_TASK):
-            yield [decode(bytes(b)) for b in blobs[start:start + _FILES_PER_TASK]], None
+            yield [decode(b) for b in blobs[start:start + _FILES_PER_TASK]], None
 
-    good: list[np.ndarray] = []
-    bad: list[tuple[str, str]] = []
-    index = 0
-    for results, _ in _progress(chunks(), len(blobs), description):
-        for result in results:
-            if isinstance(result, str):
-                bad.append((names[index], result))
-            else:
-                good.append(result)
-            index += 1
+    results = [r for chunk, _ in _progress(chunks(), len(blobs), description) for r in chunk]
+    good = [r for r in results if not isinstance(r, str)]
+    bad = [(index, r) for index, r in enumerate(results) if isinstance(r, str)]
     stacked = (np.stack(good) if good
                else np.empty((0, channels, size, size), dtype=np.uint8))
     return stacked, bad

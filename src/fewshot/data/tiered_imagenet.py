@@ -150,14 +150,15 @@ class TieredImageNet(CachedClassImages):
                                  f"{type(images).__name__}")
         self._check_labels(labels_path, len(images), class_of, category_of, names)
         order = np.argsort(class_of, kind="stable")
-        blobs = [np.asarray(images[i], dtype=np.uint8).tobytes() for i in order]
-        image_names = [f"{images_path.name}[{i}]" for i in order]
-        decoded, bad = decode_encoded_images(blobs, image_names, self.image_size, self.channels,
-                                             f"Decoding {what}")
+        decoded, bad = decode_encoded_images([images[i] for i in order], self.image_size,
+                                             self.channels, f"Decoding {what}")
+        bad_rows = [int(order[position]) for position, _ in bad]
         usable = np.ones(len(class_of), dtype=bool)
-        usable[[int(name.rpartition("[")[2][:-1]) for name, _ in bad]] = False
+        usable[bad_rows] = False
         sizes = np.bincount(class_of[usable], minlength=len(names)).tolist()
-        return StoredSplit(decoded, names, sizes, skipped=bad)
+        skipped = [(f"{images_path.name}[{row}]", reason)
+                   for row, (_, reason) in zip(bad_rows, bad, strict=True)]
+        return StoredSplit(decoded, names, sizes, skipped=skipped)
 
     def _check_labels(self, path: Path, n_images: int, class_of: np.ndarray,
                       category_of: np.ndarray, names: list[str]) -> None:

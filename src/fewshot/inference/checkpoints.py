@@ -9,7 +9,6 @@ prepared comes from the data-module settings Lightning stores in the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from fewshot.data.download import sha256sum
 from fewshot.inference.export import (
     METADATA_FILE,
     WEIGHTS_FILE,
@@ -137,7 +137,7 @@ def _source(path: Path, checkpoint: dict[str, Any], data: dict[str, Any]) -> dic
     """Where a checkpoint came from, for the export's metadata and model card: its step and
     hash, the data settings, the training time (the Timer of a time-limited run) and the
     test result of its run folder when that test scored this very checkpoint."""
-    checkpoint_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    checkpoint_sha256 = sha256sum(path)
     timers = [state for name, state in (checkpoint.get("callbacks") or {}).items()
               if str(name).startswith("Timer") and isinstance(state, dict)]
     elapsed = (timers[0].get("time_elapsed") or {}) if timers else {}

@@ -6,7 +6,6 @@ the weights and the exact tasks that produced it, and checked by running it agai
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import subprocess
@@ -17,17 +16,10 @@ import lightning
 import torch
 
 import fewshot
+from fewshot.data.download import sha256sum
 from fewshot.data.registry import class_split_for
 
 PACKAGE = Path(fewshot.__file__).resolve().parent
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_commit(folder: Path = PACKAGE) -> dict[str, Any] | None:
@@ -66,7 +58,7 @@ def provenance(trainer: Any) -> dict[str, Any]:
         "class_split": str(used_split or asked_split or "the dataset's standard split"),
         "split_seed": data.get("split_seed"),
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "checkpoint_sha256": sha256_of(checkpoint) if checkpoint and Path(checkpoint).is_file()
+        "checkpoint_sha256": sha256sum(checkpoint) if checkpoint and Path(checkpoint).is_file()
         else None,
         "test_episodes_sha256": test_set.fingerprint() if hasattr(test_set, "fingerprint") else None,
         "git": git_commit(),
