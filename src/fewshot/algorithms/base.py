@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fewshot.core.inner_loop import TaskResult
@@ -114,6 +115,20 @@ class Algorithm(nn.Module):
     def predict(self, network: nn.Module, adapted: Adapted, x: Tensor) -> Tensor:
         """Logits ``[B, N]`` of ``x`` for the task ``adapted`` was adapted to."""
         raise NotImplementedError
+
+    def step_probabilities(self, network: nn.Module, params: Params, support_x: Tensor,
+                           support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Class probabilities ``[steps + 1, Q, N]`` of ``query_x`` before adapting and after
+        each of the :attr:`evaluation_steps` inner steps: what a checkpoint ensemble averages.
+
+        This general version adapts afresh for every number of steps; algorithms with an inner
+        loop override it to take each step once."""
+        rows = []
+        for steps in range(self.evaluation_steps + 1):
+            adapted = self.adapt(network, params, support_x, support_y, steps=steps)
+            with torch.no_grad():
+                rows.append(self.predict(network, adapted, query_x).softmax(dim=-1))
+        return torch.stack(rows)
 
     def describe(self) -> dict[str, Any]:
         """A short, human-readable summary for model cards and results files."""

@@ -14,13 +14,16 @@ from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.algorithms.base import Adapted, Algorithm, Params, TaskFunction
 from fewshot.core.inner_loop import (
     InnerLoop,
     LearningRate,
+    Loss,
     adapt,
+    inner_update,
     predict,
     task_query_metrics,
 )
@@ -88,6 +91,7 @@ class MAML(Algorithm):
         self.first_order, self.learned_rates = bool(first_order), learned_rates
         self.inner_max_grad_norm = inner_max_grad_norm
         self._adapted: frozenset[str] | None = None
+        self._loss: Loss = F.cross_entropy
         # Learned rates by parameter name; ParameterDict keys may not contain dots.
         self.inner_lrs = nn.ParameterDict()
 
@@ -100,6 +104,9 @@ class MAML(Algorithm):
     def build(self, network: nn.Module, inner_optimizer: InnerOptimizer | None = None) -> None:
         super().build(network, inner_optimizer)
         self._adapted = self.adapted_parameters(network)
+        # The network says how its outputs are scored: a regressor (fewshot.models.
+        # FewShotRegressor) by mean squared error, a classifier by cross-entropy.
+        self._loss = getattr(network, "task_loss", F.cross_entropy)
         if self.learned_rates == "none":
             return
         for name, p in network.named_parameters():
@@ -133,7 +140,7 @@ class MAML(Algorithm):
         return {n: r.detach() for n, r in rates.items()} if detach else rates
 
     def inner_loop(self) -> InnerLoop:
-        return InnerLoop(self.inner_optimizer, self.inner_max_grad_norm, self._adapted)
+        return InnerLoop(self.inner_optimizer, self.inner_max_grad_norm, self._adapted, self._loss)
 
     def _rates(self, own: Params, training: bool) -> LearningRate:
         if self.learned_rates != "none":
@@ -172,3 +179,19 @@ class MAML(Algorithm):
     def predict(self, network: nn.Module, adapted: Adapted, x: Tensor) -> Tensor:
         with torch.no_grad():
             return predict(network, adapted.params, x, adapted.steps_taken)
+
+    def step_probabilities(self, network: nn.Module, params: Params, support_x: Tensor,
+                           support_y: Tensor, query_x: Tensor) -> Tensor:
+        # The updates of evaluation (first order, the evaluation rates), each taken once.
+        rate = self._rates(self.meta_parameters(detach=True), training=False)
+        params, state, rows = {n: p.detach() for n, p in params.items()}, None, []
+        for step in range(self.evaluation_steps + 1):
+            with torch.no_grad():
+                rows.append(predict(network, params, query_x, step).softmax(dim=-1))
+            if step == self.evaluation_steps:
+                break
+            with torch.enable_grad():
+                params, state, _, _ = inner_update(network, params, support_x, support_y, rate,
+                                                   True, step, self.inner_loop(), state)
+            params = {n: p.detach() for n, p in params.items()}
+        return torch.stack(rows)

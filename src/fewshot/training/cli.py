@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -22,13 +23,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fewshot.configs import config_path
 from fewshot.data.download import DatasetNotFoundError, IntegrityError
+from fewshot.data.registry import task_of
 from fewshot.inference.checkpoints import describe_load_error
 from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throughput
 from fewshot.training.checkpoint_io import ResumableModelCheckpoint, find_last_checkpoint
 from fewshot.training.datamodule import FewShotDataModule
+from fewshot.training.ensemble import ensemble_paths, load_members
+from fewshot.training.lost_process import LostProcess, LostProcessError
 from fewshot.training.module import MetaLearner
 from fewshot.training.observability import MetaGradientMonitor
 from fewshot.training.original_flags import translate_original_flags
+from fewshot.training.resume import check_resume
 
 TRAINER_DEFAULTS = {
     # Evaluation adapts with gradients; inference mode would forbid them.
@@ -59,6 +64,8 @@ class FewShotCLI(LightningCLI):
         parser.link_arguments("data.ways", "model.ways")
         parser.link_arguments("data.image_size", "model.backbone.init_args.image_size")
         parser.link_arguments("data.channels", "model.backbone.init_args.in_channels")
+        # Classification or regression (sine waves): the head, loss and metric follow the data.
+        parser.link_arguments("data.dataset", "model.task", compute_fn=task_of)
         parser.set_defaults({"model.backbone": {"class_path": "fewshot.models.Conv4"},
                              "model.inner_optimizer": {"class_path": "fewshot.core.inner_optimizers.SGD"},
                              "model.executor": {"class_path": "fewshot.execution.Auto"}})
@@ -73,6 +80,8 @@ class FewShotCLI(LightningCLI):
             "class_path": "fewshot.training.loggers.RunLogger", "init_args": {"save_dir": None}}})
         # The original project's --track_grad_norm, and gradient histograms (fewshot.observability).
         parser.add_lightning_class_args(MetaGradientMonitor, "grad_monitor")
+        # Under DDP, how long a process waits for a lost one before stopping (fewshot.lost_process).
+        parser.add_lightning_class_args(LostProcess, "ddp")
         # Keep the best checkpoint by validation accuracy, and the last one for resuming.
         parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
@@ -81,6 +90,12 @@ class FewShotCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False,
             help="After fit, run the test episodes with the best checkpoint and print the accuracy.",
+        )
+        parser.add_argument(
+            "--ensemble", type=list[str] | str, default=[],
+            help="Test a checkpoint ensemble (the MAML++ reference code's protocol): checkpoint "
+                 "files or glob patterns whose adapted models' probabilities are averaged per "
+                 "query; 'top_k' is the best checkpoints the run kept (--checkpoint.save_top_k).",
         )
 
     def _parse_ckpt_path(self) -> None:
@@ -96,6 +111,7 @@ class FewShotCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer", {})
         _check_gpus_exist(trainer.get("accelerator"))
+        _checkpoints_follow_the_task(config)
         _loggers_follow_the_root_dir(trainer)
         # Checkpoints are written atomically (fewshot.checkpoint_io), unless the user chose
         # another CheckpointIO plugin.
@@ -117,6 +133,13 @@ class FewShotCLI(LightningCLI):
     def _resume_from_the_last_run(self) -> None:
         # --ckpt_path last: the last checkpoint of the previous runs, not of this new one.
         config = self.config_init[self.subcommand]
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        if self.subcommand == "fit" and config.get("ckpt_path") is None and restarts > 0:
+            # torchrun --max-restarts started this job again after a process failed: go on
+            # from where the failed attempt got to, as --ckpt_path last would.
+            self._say(f"torchrun restart {restarts}: resuming from the last checkpoint of this "
+                      "run's settings, if any")
+            config["ckpt_path"] = "last"
         if config.get("ckpt_path") == "last":
             found = find_last_checkpoint(self.trainer, self.model, self.datamodule)
             if found is not None:
@@ -125,12 +148,60 @@ class FewShotCLI(LightningCLI):
                 looked = getattr(self.trainer.logger, "root_dir", self.trainer.default_root_dir)
                 raise FileNotFoundError(f"--ckpt_path last: no run with these settings in {looked} "
                                         "has a last.ckpt; pass the path of a checkpoint")
+            else:
+                config["ckpt_path"] = None
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            # Say what is resumed (or that it had finished); refuse other settings or formats.
+            line, warnings_ = check_resume(
+                Path(config["ckpt_path"]), dict(self.model.hparams),
+                dict(self.datamodule.hparams) if self.datamodule is not None else None,
+                self.trainer.max_steps)
+            for warning in warnings_:
+                warnings.warn(warning, stacklevel=1)
+            self._say(line)
 
-    before_fit = before_validate = before_test = _resume_from_the_last_run
+    def _say(self, line: str) -> None:
+        if self.trainer.is_global_zero:
+            print(line, file=sys.stderr, flush=True)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as error:
+            # A lost DDP process: one line naming it (fewshot.training.lost_process).
+            lost = next((c for c in self.trainer.callbacks if isinstance(c, LostProcess)), None)
+            if lost is None or lost.lost_ranks is None and not lost.cause:
+                raise
+            raise lost.error(self.trainer) from error
+
+    before_fit = before_validate = _resume_from_the_last_run
+
+    def before_test(self) -> None:
+        self._resume_from_the_last_run()
+        config = self.config_init[self.subcommand]
+        self._build_ensemble(config.get("ensemble"), main_checkpoint=config.get("ckpt_path"))
+
+    def _build_ensemble(self, specs: list[str] | str | None, main_checkpoint: str | None = None,
+                        kept: list[str] = ()) -> None:
+        if not specs:
+            return
+        specs = [specs] if isinstance(specs, str) else specs  # one path or pattern
+        paths = ensemble_paths(specs, kept=kept, main_checkpoint=main_checkpoint)
+        self.model.ensemble = load_members(paths, like=self.model)
+        print(f"Testing an ensemble of {len(paths)} checkpoints: "
+              + ", ".join(p.name for p in paths))
 
     def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit"):
-            has_best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        config = self.config[self.subcommand]
+        if config.get("test_after_fit"):
+            callback = self.trainer.checkpoint_callback
+            has_best = getattr(callback, "best_model_path", "")
+            # Best first, as the checkpoint callback ranked them.
+            scores = getattr(callback, "best_k_models", {}) or {}
+            reverse = getattr(callback, "mode", "max") == "max"
+            kept = sorted(scores, key=lambda p: float(scores[p]), reverse=reverse)
+            self._build_ensemble(config.get("ensemble"), main_checkpoint=has_best or None,
+                                 kept=kept)
             self.trainer.test(self.model, datamodule=self.datamodule,
                               ckpt_path="best" if has_best else None)
 
@@ -149,6 +220,15 @@ def _loggers_follow_the_root_dir(trainer: Namespace) -> None:
         unset = (None, ".") if class_path.endswith("WandbLogger") else (None,)
         if class_path.endswith(("RunLogger", "WandbLogger")) and init_args.get("save_dir") in unset:
             init_args["save_dir"] = str(root)
+
+
+def _checkpoints_follow_the_task(config: Namespace) -> None:
+    """Regression is scored by its MSE, lower being better: unless another monitor was chosen,
+    the best checkpoint is the one of the lowest ``val/mse`` instead of the highest ``val/acc``."""
+    checkpoint, model = config.get("checkpoint"), config.get("model")
+    if (checkpoint is not None and model is not None and model.get("task") == "regression"
+            and checkpoint.get("monitor") == "val/acc"):
+        checkpoint["monitor"], checkpoint["mode"] = "val/mse", "min"
 
 
 def _check_gpus_exist(accelerator: object) -> None:
@@ -274,4 +354,10 @@ def run(argv: Sequence[str]) -> FewShotCLI | None:
     argv = ["--help" if a == "--help-all" else a for a in argv]
     argv = resolve_config_names(argv)
     check_config_files(argv)
-    return build_cli(argv)
+    try:
+        return build_cli(argv)
+    except LostProcessError as error:  # not the user's doing: exit code 1, one line
+        if os.environ.get("FEWSHOT_DEBUG"):
+            raise
+        print(f"fewshot: error: {error}", file=sys.stderr)
+        sys.exit(1)

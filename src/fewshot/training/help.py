@@ -43,6 +43,8 @@ TOP_LEVEL = [
     ("--seed_everything INT", "seed of the weight initialisation (true: a random one)"),
     ("--ckpt_path PATH|last", "resume (fit) or evaluate (validate, test) this checkpoint"),
     ("--test_after_fit BOOL", "after fit, test the best checkpoint and print the accuracy"),
+    ("--ensemble PATHS|top_k", "test an ensemble of checkpoints: probabilities averaged "
+                               "(top_k: the run's best, --checkpoint.save_top_k)"),
     ("--wandb, --gpus, --data_class, ...", "the original project's flags (README table)"),
 ]
 GROUPS = [

@@ -9,7 +9,7 @@ The non-finite policy, throughput and results files are callbacks
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -23,8 +23,15 @@ from fewshot.core.evaluation import mean_and_ci95, summarise_test
 from fewshot.core.inner_loop import TaskResult
 from fewshot.core.inner_optimizers import SGD, InnerOptimizer, build_inner_optimizer
 from fewshot.execution import Auto, Executor, build_executor
-from fewshot.models import Conv4, FewShotClassifier, backbone_settings, build_backbone
+from fewshot.models import (
+    Conv4,
+    FewShotClassifier,
+    FewShotRegressor,
+    backbone_settings,
+    build_backbone,
+)
 from fewshot.models.per_step_batch_norm import PerStepBatchNorm2d
+from fewshot.training.ensemble import ensemble_accuracies
 
 
 class MetaLearner(LightningModule):
@@ -50,6 +57,9 @@ class MetaLearner(LightningModule):
         optimizer: the meta-optimizer (default ``torch.optim.Adam`` with lr 1e-3).
         lr_scheduler: a schedule of the meta learning rate, stepped every meta-iteration
             (MAML++'s cosine annealing: :class:`fewshot.training.schedules.CosineAnnealing`).
+        task: ``classification`` (an N-way head, cross-entropy, accuracy) or ``regression``
+            (one output per input, mean squared error, reported as MSE: sine waves); the CLI
+            sets it from the dataset.
 
     Mixed precision: the Trainer's ``precision="bf16-mixed"`` runs the tasks under bf16
     autocast with float32 master weights; float32 (the default) stays exact.
@@ -64,8 +74,12 @@ class MetaLearner(LightningModule):
         executor: Executor | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        task: Literal["classification", "regression"] = "classification",
     ) -> None:
         super().__init__()
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+        self.regression = task == "regression"
         backbone = Conv4() if backbone is None else backbone
         backbone = build_backbone(backbone) if isinstance(backbone, (dict, str)) else backbone
         # Objects as injected, or the settings a checkpoint recorded (load_from_checkpoint).
@@ -79,10 +93,16 @@ class MetaLearner(LightningModule):
             "algorithm": self.algorithm.settings(),
             "inner_optimizer": self.inner_optimizer.settings(),
             "executor": self.executor.settings(),
+            # Recorded for regression only: classification checkpoints stay as they were.
+            **({"task": task} if self.regression else {}),
         })
-        self.network = FewShotClassifier(backbone, ways)
+        self.network = FewShotRegressor(backbone) if self.regression else FewShotClassifier(backbone, ways)
         self.algorithm.build(self.network, self.inner_optimizer)
         self._evaluation_accuracies: list[Tensor] = []  # this epoch's, until gathered
+        # Test-time checkpoint ensemble (fewshot.training.ensemble): other MetaLearners whose
+        # averaged probabilities are scored instead of this one's; a plain list, so that they
+        # are neither parameters nor in this module's checkpoints.
+        self.ensemble: list[MetaLearner] = []
 
     # -- the per-step work -------------------------------------------------------------------
 
@@ -113,7 +133,8 @@ class MetaLearner(LightningModule):
         tasks = episodes.num_tasks
         meta_loss = meta_loss * self._share_weight(tasks)
         self.log("train/loss", results.losses[:, -1].mean(), prog_bar=True, batch_size=tasks)
-        self.log("train/acc", results.accuracies[:, -1].mean(), prog_bar=True, batch_size=tasks)
+        if not self.regression:  # accuracy means nothing there; train/loss is the MSE
+            self.log("train/acc", results.accuracies[:, -1].mean(), prog_bar=True, batch_size=tasks)
         self.log("train/second_order",
                  float(not self.algorithm.first_order_at(self.current_epoch)), batch_size=tasks)
         self.log_dict({f"train/{k}": v.mean() for k, v in results.diagnostics.items()},
@@ -156,10 +177,15 @@ class MetaLearner(LightningModule):
                 "MAML adapts with gradients at validation and test time, which inference mode "
                 "forbids: create the Trainer with inference_mode=False (the fewshot CLI does)."
             )
+        stage = "test" if self._trainer is not None and self._trainer.testing else "val"
+        if stage == "test" and self.ensemble:
+            self._evaluation_accuracies.append(ensemble_accuracies(self.ensemble, episodes))
+            return
         with torch.enable_grad():
             results = self.run_tasks(episodes, training=False)
-        self._evaluation_accuracies.append(results.accuracies.detach())
-        stage = "test" if self._trainer is not None and self._trainer.testing else "val"
+        # Regression is scored by the query MSE after each step, the query loss.
+        self._evaluation_accuracies.append(
+            (results.losses if self.regression else results.accuracies).detach())
         self.log(f"{stage}/loss", results.losses[:, -1].mean(), batch_size=episodes.num_tasks,
                  sync_dist=True)
 
@@ -204,8 +230,9 @@ class MetaLearner(LightningModule):
         mean, ci95 = mean_and_ci95(accuracies[:, -1])
         # Every process holds the same gathered figures: the reduction changes nothing, it
         # only tells Lightning so.
-        self.log("val/acc", mean, prog_bar=True, sync_dist=True)
-        self.log("val/acc_ci95", ci95, sync_dist=True)
+        metric = "mse" if self.regression else "acc"
+        self.log(f"val/{metric}", mean, prog_bar=True, sync_dist=True)
+        self.log(f"val/{metric}_ci95", ci95, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         accuracies = self._gather_accuracies()
@@ -213,11 +240,15 @@ class MetaLearner(LightningModule):
         shots = datamodule.hparams.shots if datamodule is not None else None
         inner_lr = "learned" if self.algorithm.meta_parameters() else self.algorithm.evaluation_lr
         # The results file is written by fewshot.training.callbacks.TestResultsWriter.
+        metric = "mse" if self.regression else "accuracy"
         self.test_result = summarise_test(accuracies, self.hparams.ways, shots,
-                                          self.algorithm.evaluation_steps, inner_lr)
+                                          self.algorithm.evaluation_steps, inner_lr, metric)
         self.test_result["algorithm"] = self.algorithm.describe()
-        self.log("test/acc", self.test_result["accuracy"], sync_dist=True)
-        self.log("test/acc_ci95", self.test_result["ci95"], sync_dist=True)
+        if self.ensemble:
+            self.test_result["ensemble"] = [getattr(m, "source", {}) for m in self.ensemble]
+        short = "mse" if self.regression else "acc"
+        self.log(f"test/{short}", self.test_result[metric], sync_dist=True)
+        self.log(f"test/{short}_ci95", self.test_result["ci95"], sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
