@@ -36,3 +36,21 @@ def test_tasks_per_second_counts_every_process(monkeypatch, datamodule, world_si
     # A validation in between does not count as a step.
     throughput.on_validation_end(trainer, module)
     assert throughput._last is None
+
+
+def test_elapsed_time_is_logged_every_step_and_carries_over_a_resume(monkeypatch):
+    clock = iter([100.0, 100.0, 103.0, 200.0, 200.0, 201.0, 201.5])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(datamodule=None, world_size=1)
+    module, batch = Recorder(), SimpleNamespace(num_tasks=2)
+    first = Throughput()
+    first.on_fit_start(trainer, module)                    # 100.0
+    first.on_train_batch_end(trainer, module, None, batch, 0)  # now 100.0, elapsed at 103.0
+    assert module.logged["train/elapsed_s"] == pytest.approx(3.0)
+    saved = first.state_dict()                             # a checkpoint: 200.0 -> 100 s
+    assert saved == {"elapsed_s": pytest.approx(100.0)}
+    resumed = Throughput()
+    resumed.load_state_dict(saved)
+    resumed.on_fit_start(trainer, module)                  # 200.0
+    resumed.on_train_batch_end(trainer, module, None, batch, 0)  # elapsed at 201.5
+    assert module.logged["train/elapsed_s"] == pytest.approx(101.5)

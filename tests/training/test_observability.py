@@ -17,9 +17,13 @@ from fewshot.training.callbacks import TestResultsWriter
 from fewshot.training.datamodule import FewShotDataModule
 from fewshot.training.loggers import RunLogger
 from fewshot.training.module import MetaLearner
-from fewshot.training.observability import MetaGradientMonitor, log_magnitude_histogram
+from fewshot.training.observability import (
+    MetaGradientMonitor,
+    histogram_due,
+    log_magnitude_histogram,
+)
 from fewshot.training.original_flags import translate_original_flags
-from fewshot.training.report import write_report
+from fewshot.training.report import column_edges, write_report
 
 
 class GradientRecorder(Callback):
@@ -87,6 +91,22 @@ def test_loggers_write_csv_tensorboard_and_histograms(fake_omniglot, tmp_path):
     total = sum(p.numel() for p in MetaLearner(
         Conv4(1, 4, 28), 3, MAML(inner_steps=2, learned_rates="per_tensor")).parameters())
     assert sum(records[0]["meta_grad"]) == total  # every gradient entry counted once
+
+
+def test_histogram_snapshots_double_their_interval_so_any_run_has_a_few_dozen():
+    due = [step for step in range(171) if histogram_due(step)]
+    assert due[:17] == list(range(17)) and due[16:19] == [16, 18, 20]
+    assert due[-3:] == [152, 160, 168] and len(due) == 56  # the 2-minute run: 56, not 1
+    assert 100 < sum(histogram_due(step) for step in range(50_000)) < 200
+    monitor = MetaGradientMonitor()
+    assert [s for s in range(40) if monitor._histogram_due(s)] == due[:len([d for d in due if d < 40])]
+    assert [s for s in range(9) if MetaGradientMonitor(histogram_every_n_steps=4)._histogram_due(s)] == [0, 4, 8]
+    assert not any(MetaGradientMonitor(histogram_every_n_steps=0)._histogram_due(s) for s in range(9))
+
+
+def test_the_histogram_figure_puts_each_snapshot_at_its_meta_iteration():
+    assert column_edges([0, 1, 2, 40, 100]) == [-0.5, 0.5, 1.5, 21, 70, 100.5]
+    assert column_edges([0]) == [-0.5, 0.5]
 
 
 def test_log_magnitude_histogram_bins():

@@ -72,10 +72,22 @@ class NonFinitePolicy(Callback):
 
 class Throughput(Callback):
     """Logs ``train/tasks_per_s``: the meta-batch's tasks (all processes' together under DDP)
-    over the wall time between two steps."""
+    over the wall time between two steps; and ``train/elapsed_s``: the run's wall time since
+    its fit began (validation included; a resumed run carries on from its checkpoint's
+    figure), so that runs can be compared against time (``fewshot report RUN_A RUN_B``)."""
 
     def __init__(self) -> None:
         self._last: float | None = None
+        self._elapsed_before = 0.0  # wall time of earlier runs this one resumes
+        self._started: float | None = None
+
+    def elapsed(self) -> float:
+        """Wall seconds of meta-training so far, earlier runs of a resumed fit included."""
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self._elapsed_before + running
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last = None  # validation in between would distort the rate
@@ -91,7 +103,14 @@ class Throughput(Callback):
             hparams = getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule else {}
             tasks = hparams.get("meta_batch_size") or batch.num_tasks * trainer.world_size
             pl_module.log("train/tasks_per_s", tasks / (now - self._last), prog_bar=True)
+        pl_module.log("train/elapsed_s", self.elapsed())
         self._last = now
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._elapsed_before = float(state_dict.get("elapsed_s", 0.0))
 
 
 class TestResultsWriter(Callback):

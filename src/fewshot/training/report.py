@@ -91,16 +91,24 @@ def figure_grad_histograms(path: Path, out: Path) -> bool:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
         return False
+    records = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
     counts = [[c / max(sum(r["meta_grad"]), 1) for c in r["meta_grad"]] for r in records]
     bins = records[0]["bins_log10"]
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    image = ax.imshow(list(map(list, zip(*counts, strict=True))), aspect="auto", origin="lower",
-                      extent=(min(steps), max(steps) + 1, bins[0], bins[-1]), cmap="magma")
+    image = ax.pcolormesh(column_edges(steps), bins, list(map(list, zip(*counts, strict=True))), cmap="magma")
     fig.colorbar(image, ax=ax, label="fraction of meta-gradient entries")
-    ax.set(title="meta-gradient magnitudes over time", xlabel="meta-iteration",
-           ylabel="log10 |gradient|")
+    ax.set(title=f"meta-gradient magnitudes over time ({len(steps)} snapshots)",
+           xlabel="meta-iteration", ylabel="log10 |gradient|")
     return _save(fig, out, True)
+
+
+def column_edges(steps: list[int]) -> list[float]:
+    """Edges of one heatmap column per snapshot at its real meta-iteration: snapshots are
+    unevenly spaced (every step at first, sparser later), so each column spans from half-way
+    to the previous snapshot to half-way to the next."""
+    middles = [(a + b) / 2 for a, b in zip(steps, steps[1:], strict=False)]
+    return [steps[0] - 0.5, *middles, steps[-1] + 0.5]
 
 
 def figure_test_per_step(result: dict | None, out: Path) -> bool:
