@@ -1,5 +1,8 @@
 """``fewshot report RUN_DIR``: pictures of a run from its logs, no server needed.
 
+With several run folders (``fewshot report RUN_A RUN_B ...``) it compares them instead
+(:mod:`fewshot.training.compare`).
+
 Reads what a run folder holds (``metrics.csv``, ``histograms.jsonl``, ``test_results.json``,
 ``config.yaml``) and writes PNG figures plus ``report.md`` into ``RUN_DIR/report/``:
 
@@ -16,10 +19,8 @@ Figures whose data the run does not have are skipped and listed as such in the s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -27,27 +28,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``metrics.csv`` as ``{column: [(step, value), ...]}`` without the empty cells."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for name, value in row.items():
-                if name not in ("step", "epoch") and value not in ("", None):
-                    series[name].append((step, float(value)))
-    return dict(series)
-
-
-def find_run(folder: Path) -> Path:
-    """The run folder itself, or the newest ``version_N`` below it."""
-    if (folder / "metrics.csv").exists():
-        return folder
-    runs = sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise FileNotFoundError(f"no metrics.csv in {folder} or below it: is it a fewshot run folder?")
-    return runs[-1].parent
+from fewshot.training.compare import write_comparison  # noqa: E402
+from fewshot.training.runs import find_run, read_metrics, read_runs  # noqa: E402
+from fewshot.training.sine_figure import draw_run  # noqa: E402
 
 
 def _plot(ax, series, name, label=None, **style) -> bool:
@@ -115,12 +98,14 @@ def figure_test_per_step(result: dict | None, out: Path) -> bool:
     if not result:
         return False
     rows = result["per_step"]
+    metric = result.get("metric", "accuracy")  # regression (sine waves): mse
+    scale = 100 if metric == "accuracy" else 1
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar([r["inner_step"] for r in rows], [100 * r["accuracy"] for r in rows],
-                yerr=[100 * (r["ci95"] if math.isfinite(r["ci95"]) else 0) for r in rows],
+    ax.errorbar([r["inner_step"] for r in rows], [scale * r[metric] for r in rows],
+                yerr=[scale * (r["ci95"] if math.isfinite(r["ci95"]) else 0) for r in rows],
                 marker="o", capsize=4)
-    ax.set(title=f"test accuracy over {result['episodes']} episodes (95% CI)",
-           xlabel="inner steps", ylabel="accuracy (%)")
+    ax.set(title=f"test {metric} over {result['episodes']} episodes (95% CI)",
+           xlabel="inner steps", ylabel="accuracy (%)" if scale == 100 else "mean squared error")
     return _save(fig, out, True)
 
 
@@ -159,9 +144,13 @@ def write_report(run: Path) -> list[Path]:
                                                        out / "grad_histograms.png"),
         "test_per_step.png": figure_test_per_step(result, out / "test_per_step.png"),
         "inner_lrs.png": figure_inner_lrs(series, out / "inner_lrs.png"),
+        "sinusoid.png": draw_run(run, out / "sinusoid.png"),  # sine-wave runs only
     }
     lines = [f"# Run report: {run}", ""]
-    if result:
+    if result and result.get("metric") == "mse":
+        lines += [f"**Test MSE**: {result['mse']:.4f} +- {result['ci95']:.4f} (95% CI, "
+                  f"{result['episodes']} tasks, {result['inner_steps']} inner steps)", ""]
+    elif result:
         lines += [f"**Test accuracy**: {100 * result['accuracy']:.2f}% +- {100 * result['ci95']:.2f}% "
                   f"(95% CI, {result['episodes']} episodes, {result['inner_steps']} inner steps)", ""]
     if "val/acc" in series:
@@ -179,9 +168,20 @@ def write_report(run: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fewshot report", description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a run folder (runs/lightning_logs/version_N) or its parent")
+    parser.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                        help="a run folder (runs/lightning_logs/version_N) or its parent; with "
+                             "several, or --compare, the runs are compared")
+    parser.add_argument("--compare", action="store_true",
+                        help="compare every run found below the folder(s) given")
+    parser.add_argument("--output", type=Path, default=Path("comparison"),
+                        help="where a comparison is written (default: ./comparison)")
     args = parser.parse_args(argv)
-    if not args.run.exists():
-        raise FileNotFoundError(f"run folder {args.run} does not exist")
-    for path in write_report(args.run):
+    for run in args.runs:
+        if not run.exists():
+            raise FileNotFoundError(f"run folder {run} does not exist")
+    if len(args.runs) == 1 and not args.compare:
+        written = write_report(args.runs[0])
+    else:
+        written = write_comparison(read_runs(args.runs), args.output)
+    for path in written:
         print(path)

@@ -1,0 +1,150 @@
+"""Finished runs as values: what ``fewshot report`` and ``fewshot summary`` read from a run folder.
+
+A run folder (``runs/lightning_logs/version_N``) holds ``metrics.csv`` (one row per logged
+step), ``config.yaml`` and, after testing, ``test_results.json``. :func:`read_run` gathers
+what comparisons need: the logged series, the test result, the seed, the meta-iterations
+trained and the wall time (``train/elapsed_s``, logged every step).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Series = dict[str, list[tuple[int, float]]]
+
+
+def read_metrics(path: Path) -> Series:
+    """``metrics.csv`` as ``{column: [(step, value), ...]}`` without the empty cells."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for name, value in row.items():
+                if name not in ("step", "epoch") and value not in ("", None):
+                    series[name].append((step, float(value)))
+    return dict(series)
+
+
+def find_run(folder: Path) -> Path:
+    """The run folder itself, or the newest ``version_N`` below it."""
+    if (folder / "metrics.csv").exists():
+        return folder
+    runs = sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"no metrics.csv in {folder} or below it: is it a fewshot run folder?")
+    return runs[-1].parent
+
+
+def find_runs(folders: Sequence[Path]) -> list[Path]:
+    """Every run folder (one holding ``metrics.csv``) in or below ``folders``, in order; a
+    folder without any is an error naming it."""
+    runs: list[Path] = []
+    for folder in folders:
+        if not folder.exists():
+            raise FileNotFoundError(f"run folder {folder} does not exist")
+        found = ([folder] if (folder / "metrics.csv").exists()
+                 else sorted(p.parent for p in folder.rglob("metrics.csv")))
+        if not found:
+            raise FileNotFoundError(f"no metrics.csv in {folder} or below it: is it a fewshot run folder?")
+        runs += [run for run in found if run not in runs]
+    return runs
+
+
+@dataclass
+class Run:
+    """What comparisons need of one finished (or stopped) run."""
+
+    folder: Path
+    label: str
+    series: Series
+    test: dict[str, Any] | None
+    config: dict[str, Any] | None
+
+    @property
+    def seed(self) -> int | None:
+        seed = (self.config or {}).get("seed_everything")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+    @property
+    def meta_iterations(self) -> int:
+        """Meta-iterations trained: the last training step logged, plus one."""
+        steps = [s for name in ("train/loss", "train/elapsed_s") for s, _ in self.series.get(name, [])]
+        return max(steps) + 1 if steps else 0
+
+    @property
+    def wall_time_s(self) -> float | None:
+        """Wall seconds of meta-training (validation included), or None for runs that did
+        not log ``train/elapsed_s``."""
+        elapsed = self.series.get("train/elapsed_s")
+        return max(v for _, v in elapsed) if elapsed else None
+
+    def at_time(self, name: str) -> list[tuple[float, float]]:
+        """``(seconds, value)`` of a series: each step's time is that of the nearest training
+        step logged at or before it."""
+        times = sorted(self.series.get("train/elapsed_s", []))
+        points = []
+        for step, value in self.series.get(name, []):
+            before = [t for s, t in times if s <= step]
+            if before:
+                points.append((before[-1], value))
+        return points
+
+
+def elapsed_from_events(folder: Path) -> list[tuple[int, float]]:
+    """``(step, seconds since the first event)`` of the training file of the run's TensorBoard
+    events (every scalar logged at a step; the latest time per step): the wall time of runs
+    made before ``train/elapsed_s`` was logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
+        tags = accumulator.Tags().get("scalars", [])
+        if "train/loss" in tags:
+            start, latest = accumulator.FirstEventTimestamp(), {}
+            for tag in tags:
+                for event in accumulator.Scalars(tag):
+                    latest[event.step] = max(latest.get(event.step, 0.0), event.wall_time - start)
+            return sorted(latest.items())
+    return []
+
+
+def read_run(folder: Path, label: str | None = None) -> Run:
+    folder = find_run(folder)
+    test_path, config_path = folder / "test_results.json", folder / "config.yaml"
+    series = read_metrics(folder / "metrics.csv")
+    elapsed = series.get("train/elapsed_s") or elapsed_from_events(folder)
+    if elapsed:
+        series["train/elapsed_s"] = elapsed
+    return Run(folder=folder, label=label or folder.name, series=series,
+               test=json.loads(test_path.read_text()) if test_path.exists() else None,
+               config=yaml.safe_load(config_path.read_text()) if config_path.exists() else None)
+
+
+def short_labels(folders: Sequence[Path]) -> list[str]:
+    """Labels that tell runs apart: their paths without the parts all of them share
+    (``runs/seeds/cfg/seed_0/lightning_logs/version_0`` -> ``seed_0``)."""
+    parts = [Path(f).resolve().parts for f in folders]
+    if len(parts) == 1:
+        return [Path(folders[0]).name]
+    prefix = 0
+    while all(len(p) > prefix + 1 for p in parts) and len({p[prefix] for p in parts}) == 1:
+        prefix += 1
+    suffix = 0
+    while (all(len(p) > prefix + suffix + 1 for p in parts)
+           and len({p[-1 - suffix] for p in parts}) == 1):
+        suffix += 1
+    return ["/".join(p[prefix:len(p) - suffix]) for p in parts]
+
+
+def read_runs(folders: Sequence[Path]) -> list[Run]:
+    """The runs in or below ``folders``, labelled by what tells them apart."""
+    runs = find_runs(folders)
+    return [read_run(run, label) for run, label in zip(runs, short_labels(runs), strict=True)]
