@@ -25,9 +25,14 @@ using a trained model:
   adapt      adapt to your own support images and classify query images
   predict    the same as adapt (support and query folders in, predictions out)
   export     write a checkpoint as safetensors + JSON, to share without a pickle
+  app        a local web page: teach the model new classes from a few images, see predictions
 
-looking at a run:
-  report     draw PNG figures and a summary from a run folder
+several runs:
+  seeds      run a config over several seeds:  fewshot seeds -c CONFIG --seeds 0 1 2
+  summary    mean and standard deviation of the test accuracy over finished runs
+
+looking at runs:
+  report     draw PNG figures and a summary from a run folder; with several, compare them
 
 fewshot SUBCOMMAND --help lists every option of a subcommand."""
 
@@ -67,7 +72,12 @@ def main(args: Sequence[str] | None = None) -> None:
         for name in names:
             print(f"  {name:<{width}}  {describe_config(name)}")
         return
-    if argv[0] == "report":
+    if argv[0] in ("seeds", "summary"):
+        from fewshot.training.seeds import seeds_main, summary_main
+
+        chosen = seeds_main if argv[0] == "seeds" else summary_main
+        _exit_on_user_error(lambda: chosen(argv[1:]), (ValueError, FileNotFoundError, RuntimeError))
+    elif argv[0] == "report":
         from fewshot.training.report import main as report_main
 
         _exit_on_user_error(lambda: report_main(argv[1:]), (ValueError, FileNotFoundError))
@@ -76,6 +86,10 @@ def main(args: Sequence[str] | None = None) -> None:
         from fewshot.inference.cli import main as inference_main
 
         _exit_on_user_error(lambda: inference_main(argv), (ValueError, FileNotFoundError))
+    elif argv[0] == "app":
+        from fewshot.app.cli import main as app_main  # no Lightning either
+
+        _exit_on_user_error(lambda: app_main(argv[1:]), (ValueError, FileNotFoundError))
     else:
         from fewshot.training.cli import USER_ERRORS, run, user_error
 

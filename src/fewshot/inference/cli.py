@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fewshot.inference.images import IMAGE_SUFFIXES, ImageError
-from fewshot.inference.learner import Predictions, load
+from fewshot.inference.learner import Predictions, Predictor, load
 
 SUPPORT_LAYOUT = "DIR/<class name>/<images>, one folder per class"
 
@@ -78,14 +78,29 @@ def _is_image(path: Path) -> bool:
 
 def run_adapt(args: argparse.Namespace) -> Predictions:
     learner = load(args.checkpoint, device=args.device)
-    support, labels = read_support_folder(args.support)
+    if isinstance(learner, Predictor):  # an adapted classifier: the support set is in it
+        given = [f"--{n.replace('_', '-')}" for n in ("support", "steps", "lr", "reset_head")
+                 if getattr(args, n) not in (None, False)]
+        if given:
+            raise ValueError(f"{args.checkpoint} is an adapted classifier (classes "
+                             f"{', '.join(map(str, learner.classes))}); it takes no "
+                             f"{', '.join(given)}: pass the model it came from to adapt again")
+        predictor, labels = learner, list(learner.support_labels)
+        trained_ways = learner.model_metadata.get("ways")
+    else:
+        if args.support is None:
+            raise ValueError(f"--support is required to adapt {args.checkpoint} "
+                             f"({SUPPORT_LAYOUT}); only an adapted classifier predicts without it")
+        support, labels = read_support_folder(args.support)
+        predictor = learner.adapt(support, labels, steps=args.steps, lr=args.lr,
+                                  reset_head=True if args.reset_head else None)
+        trained_ways = learner.ways
     queries = expand_queries(args.query)
-    predictor = learner.adapt(support, labels, steps=args.steps, lr=args.lr,
-                              reset_head=True if args.reset_head else None)
     predictions = predictor.predict(queries, one_at_a_time=args.one_at_a_time)
     report = {
-        "checkpoint": str(learner.model_files.source),
-        "trained_ways": learner.ways,
+        "checkpoint": str(args.checkpoint if isinstance(learner, Predictor)
+                          else learner.model_files.source),
+        "trained_ways": trained_ways,
         "head": ("none (prototypes)" if not predictor.model.algorithm.uses_head else
                  "zero-initialised" if predictor.head_reset else "trained"),
         "classes": predictions.classes,
@@ -99,6 +114,9 @@ def run_adapt(args: argparse.Namespace) -> Predictions:
     if args.output is not None:
         _write(args.output, report, predictions)
         print(f"Wrote {args.output}")
+    if args.save is not None:
+        print(f"Saved the adapted classifier to {predictor.save(args.save)} (fewshot predict "
+              f"--checkpoint {args.save} --query ... reads it)")
     return predictions
 
 
@@ -192,9 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapt to a new task from a folder of examples and predict new images",
         description="Adapt a meta-trained model to the classes in --support and predict --query.",
     )
-    adapt.add_argument("--checkpoint", type=Path, required=True, help=checkpoint_help)
-    adapt.add_argument("--support", type=Path, required=True,
-                       help=f"labelled examples: {SUPPORT_LAYOUT}; any number of classes and images")
+    adapt.add_argument("--checkpoint", type=Path, required=True,
+                       help=f"{checkpoint_help}, or an adapted classifier (saved by --save)")
+    adapt.add_argument("--support", type=Path, default=None,
+                       help=f"labelled examples: {SUPPORT_LAYOUT}; any number of classes and "
+                            "images (required unless --checkpoint is an adapted classifier)")
     adapt.add_argument("--query", type=Path, nargs="+", required=True,
                        help="image files or folders (searched recursively) to predict")
     adapt.add_argument("--steps", type=int, default=None, help="adaptation steps (default: as trained)")
@@ -207,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--reset-head", action="store_true",
                        help="start from a zero-initialised head even when N matches the trained head")
     adapt.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
+    adapt.add_argument("--save", type=Path, default=None,
+                       help="also save the adapted classifier (weights and class names) to a "
+                            "folder, or to FILE.safetensors; --checkpoint reads it back")
     adapt.set_defaults(run=run_adapt)
     export = commands.add_parser(
         "export", help="write a checkpoint as safetensors + JSON, to share without pickles",

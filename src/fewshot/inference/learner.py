@@ -18,8 +18,9 @@ training shell.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,14 +37,22 @@ from fewshot.inference.export import (
 from fewshot.inference.images import ImageError, ImageInput, Preprocessing
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Learner:
+def load(path: str | Path, device: str | torch.device = "cpu") -> Learner | Predictor:
     """Load a meta-trained model from an export folder, a run folder or a Lightning ``.ckpt``.
+
+    An adapted classifier (saved by :meth:`Predictor.save`, ``fewshot adapt --save`` or
+    downloaded from ``fewshot app``) loads as the :class:`Predictor` it was, with its classes:
+    call ``.predict`` on it directly (:mod:`fewshot.inference.adapted`).
 
     Nothing in the file can run code (see :mod:`fewshot.checkpoints`).
 
     Raises:
         CheckpointError: missing, corrupt, unsafe, or not a fewshot model; the message names it.
     """
+    from fewshot.inference.adapted import is_adapted_classifier, read_adapted
+
+    if is_adapted_classifier(path):
+        return read_adapted(path, device)
     return Learner(read_model(path), device)
 
 
@@ -89,7 +98,9 @@ class Predictor:
 
     Made by :meth:`Learner.adapt`. ``classes`` are the task's classes (the order of the
     probabilities), ``steps`` and ``lr`` the inner loop it was adapted with (``lr`` is None
-    for learned per-step rates), ``head_reset`` whether the head started from zeros.
+    for learned per-step rates), ``head_reset`` whether the head started from zeros,
+    ``support_labels`` the class of every support image and ``model_metadata`` the export
+    metadata of the model it was adapted from (both for :meth:`save`).
     """
 
     model: AdaptableModel
@@ -101,6 +112,16 @@ class Predictor:
     steps: int
     lr: float | None
     head_reset: bool
+    support_labels: list[Hashable] = field(default_factory=list)
+    model_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this adapted classifier (weights, adapted weights, class names) as one
+        ``.safetensors`` file, or as ``DIR/classifier.safetensors`` plus a short README when
+        ``path`` is a folder; :func:`load` reads it back and predicts identically."""
+        from fewshot.inference.adapted import save_adapted
+
+        return save_adapted(self, path)
 
     def predict(self, images: ImageInput | Sequence[ImageInput],
                 one_at_a_time: bool = False) -> Predictions:
@@ -225,7 +246,8 @@ class Learner:
         support_x = x.to(self.device)
         adapted = model.adapt(support_x, y, steps=steps, lr=lr)
         return Predictor(model, adapted, classes, support_x, self.preprocessing,
-                         self.batch_dependent, adapted.steps_taken, lr, reset_head)
+                         self.batch_dependent, adapted.steps_taken, lr, reset_head,
+                         labels, self.metadata)
 
     def save(self, directory: str | Path, note: str | None = None) -> Path:
         """Write this model as an export folder (safetensors + JSON + model card) that
