@@ -13,7 +13,7 @@ from PIL import Image
 from fewshot.algorithms import MAML, MetaSGD
 from fewshot.cli import main
 from fewshot.models import Conv4
-from fewshot.training.callbacks import TestResultsWriter
+from fewshot.training.callbacks import TestResultsWriter, Throughput
 from fewshot.training.datamodule import FewShotDataModule
 from fewshot.training.loggers import RunLogger
 from fewshot.training.module import MetaLearner
@@ -50,7 +50,7 @@ def tiny_fit(fake_omniglot, tmp_path, algorithm=None):
                       val_check_interval=3,
                       callbacks=[MetaGradientMonitor(2.0, log_every_n_steps=1,
                                                      histogram_every_n_steps=1), recorder,
-                                 TestResultsWriter()])
+                                 Throughput(), TestResultsWriter()])
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data)
     return trainer, recorder
@@ -80,7 +80,7 @@ def test_loggers_write_csv_tensorboard_and_histograms(fake_omniglot, tmp_path):
     tiny_fit(fake_omniglot, tmp_path, MAML(inner_steps=2, learned_rates="per_tensor"))
     run = tmp_path / "runs" / "version_0"
     columns = read_csv(run / "metrics.csv")[0].keys()
-    for name in ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc",
+    for name in ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc", "train/elapsed_s", "val/elapsed_s",
                  "inner_lr/head.weight/step_1", "inner_lr/features.blocks.0.weight/step_0"):
         assert name in columns, name
     events = EventAccumulator(str(run), size_guidance={"histograms": 0}).Reload()
@@ -131,6 +131,8 @@ def test_report_draws_every_figure_of_a_real_run(fake_omniglot, tmp_path, capsys
         with Image.open(path) as image:
             low, high = image.convert("L").getextrema()
             assert high - low > 50, name  # not a blank canvas
+    training = json.loads((run / "test_results.json").read_text())["training"]
+    assert training["meta_iterations"] == 3 and training["wall_time_s"] > 0
     summary = (run / "report" / "report.md").read_text()
     assert "Test accuracy" in summary and "Best validation accuracy" in summary
     assert "inner_steps: 2" in summary or "Configuration" not in summary

@@ -95,6 +95,12 @@ class Throughput(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last = None
 
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The time of each validation, for accuracy against time (training rows are written
+        # only every log_every_n_steps).
+        if self._started is not None and not trainer.sanity_checking:
+            pl_module.log("val/elapsed_s", self.elapsed())
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         now = time.perf_counter()
@@ -113,6 +119,15 @@ class Throughput(Callback):
         self._elapsed_before = float(state_dict.get("elapsed_s", 0.0))
 
 
+def training_record(trainer: Trainer) -> dict[str, float | int | None]:
+    """Meta-iterations trained and the wall time of meta-training (None when this process did
+    not train: ``fewshot test`` of a saved checkpoint)."""
+    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    trained = throughput is not None and throughput._started is not None
+    return {"meta_iterations": trainer.global_step,
+            "wall_time_s": round(throughput.elapsed(), 1) if trained else None}
+
+
 class TestResultsWriter(Callback):
     """Writes ``test_results.json`` in the run folder after testing, and prints the summary.
 
@@ -124,7 +139,7 @@ class TestResultsWriter(Callback):
         result = getattr(pl_module, "test_result", None)
         if result is None or not trainer.is_global_zero:
             return
-        result = {**result, "provenance": provenance(trainer)}
+        result = {**result, "training": training_record(trainer), "provenance": provenance(trainer)}
         directory = run_folder(trainer)  # not trainer.log_dir: a collective, rank 0 is alone here
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "test_results.json"

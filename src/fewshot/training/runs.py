@@ -74,22 +74,35 @@ class Run:
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     @property
+    def training(self) -> dict[str, Any]:
+        """What ``test_results.json`` recorded of the training (``meta_iterations``,
+        ``wall_time_s``), if anything."""
+        return (self.test or {}).get("training") or {}
+
+    @property
     def meta_iterations(self) -> int:
-        """Meta-iterations trained: the last training step logged, plus one."""
-        steps = [s for name in ("train/loss", "train/elapsed_s") for s, _ in self.series.get(name, [])]
-        return max(steps) + 1 if steps else 0
+        """Meta-iterations trained: as recorded at test time, else from the logged steps."""
+        if self.training.get("meta_iterations"):
+            return int(self.training["meta_iterations"])
+        train = [s + 1 for name, values in self.series.items() if name.startswith("train/")
+                 for s, _ in values]
+        other = [s for values in self.series.values() for s, _ in values]
+        return max(train + other, default=0)
 
     @property
     def wall_time_s(self) -> float | None:
-        """Wall seconds of meta-training (validation included), or None for runs that did
-        not log ``train/elapsed_s``."""
-        elapsed = self.series.get("train/elapsed_s")
-        return max(v for _, v in elapsed) if elapsed else None
+        """Wall seconds of meta-training (validation included): as recorded at test time,
+        else the latest ``train/elapsed_s`` or ``val/elapsed_s`` logged; None without them."""
+        if self.training.get("wall_time_s") is not None:
+            return float(self.training["wall_time_s"])
+        elapsed = [v for name in ("train/elapsed_s", "val/elapsed_s")
+                   for _, v in self.series.get(name, [])]
+        return max(elapsed) if elapsed else None
 
     def at_time(self, name: str) -> list[tuple[float, float]]:
-        """``(seconds, value)`` of a series: each step's time is that of the nearest training
-        step logged at or before it."""
-        times = sorted(self.series.get("train/elapsed_s", []))
+        """``(seconds, value)`` of a series: each step's time is that of the nearest step at or
+        before it with a logged time."""
+        times = sorted(self.series.get("train/elapsed_s", []) + self.series.get("val/elapsed_s", []))
         points = []
         for step, value in self.series.get(name, []):
             before = [t for s, t in times if s <= step]
