@@ -75,7 +75,9 @@ def save_adapted(predictor: Predictor, path: str | Path) -> Path:
     tensors |= {f"adapted.params.{k}": v for k, v in predictor.adapted.params.items()}
     tensors |= {f"adapted.extras.{k}": v for k, v in predictor.adapted.extras.items()}
     tensors["support_x"] = predictor.support_x
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # Copies: an algorithm may keep some parameters as they were (ProtoNet keeps all), and
+    # safetensors refuses two names for one tensor.
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     model_metadata = {**predictor.model_metadata, "ways": _head_outputs(predictor)}
     classifier = {
         "classes": list(predictor.classes),
