@@ -29,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fewshot.training.runs import Run  # noqa: E402
 
 GRADIENT_NORM = "meta_grad/grad_2.0_norm_total"
-NOTES = ("Wall time: from the start of meta-training to its last logged step, validation "
-         "included (`train/elapsed_s`; for runs that did not log it, the times of their "
-         "TensorBoard events). |g|: the logged total meta-gradient 2-norm (-: none logged). "
+NOTES = ("Wall time: of meta-training, validation included (`test_results.json`, else the "
+         "last `train/elapsed_s` or `val/elapsed_s` logged; -: a run made before fewshot "
+         "logged it). |g|: the logged total meta-gradient 2-norm (-: none logged). "
          "Non-finite steps: meta-steps skipped by `--nonfinite.policy skip`.")
 
 

@@ -111,32 +111,11 @@ class Run:
         return points
 
 
-def elapsed_from_events(folder: Path) -> list[tuple[int, float]]:
-    """``(step, seconds since the first event)`` of the training file of the run's TensorBoard
-    events (every scalar logged at a step; the latest time per step): the wall time of runs
-    made before ``train/elapsed_s`` was logged."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    for events in sorted(folder.glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
-        tags = accumulator.Tags().get("scalars", [])
-        if "train/loss" in tags:
-            start, latest = accumulator.FirstEventTimestamp(), {}
-            for tag in tags:
-                for event in accumulator.Scalars(tag):
-                    latest[event.step] = max(latest.get(event.step, 0.0), event.wall_time - start)
-            return sorted(latest.items())
-    return []
-
-
 def read_run(folder: Path, label: str | None = None) -> Run:
     folder = find_run(folder)
     test_path, config_path = folder / "test_results.json", folder / "config.yaml"
-    series = read_metrics(folder / "metrics.csv")
-    elapsed = series.get("train/elapsed_s") or elapsed_from_events(folder)
-    if elapsed:
-        series["train/elapsed_s"] = elapsed
-    return Run(folder=folder, label=label or folder.name, series=series,
+    return Run(folder=folder, label=label or folder.name,
+               series=read_metrics(folder / "metrics.csv"),
                test=json.loads(test_path.read_text()) if test_path.exists() else None,
                config=yaml.safe_load(config_path.read_text()) if config_path.exists() else None)
 
