@@ -8,6 +8,10 @@ The file names carry the dataset, split, image size, channels and a fingerprint 
 files, so a changed source or setting never meets a stale cache. Both files are written under
 temporary names and renamed into place, the JSON last: a cache is complete exactly when its
 JSON exists and agrees with the array's header and size, and anything else is rebuilt.
+
+The JSON also records a CRC-32 of the pixels, checked each time the cache is opened (about
+3 GB/s, a quarter of a second for mini-ImageNet's training split): a byte flipped on disk
+is named in a warning and the cache rebuilt, never trained on.
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ import json
 import os
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["StoredSplit", "cache_root", "fingerprint", "load_split", "save_split"]
+__all__ = ["StoredSplit", "cache_root", "fingerprint", "load_split", "pixels_crc32", "save_split"]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the JSON records the pixels' CRC-32
+_CRC_CHUNK = 64 * 2**20
 
 
 @dataclass
@@ -66,6 +72,15 @@ def fingerprint(entries: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def pixels_crc32(images: np.ndarray) -> int:
+    """CRC-32 of the array's bytes in storage order, read in chunks (a memory map stays lazy)."""
+    flat = images.reshape(-1)
+    crc = 0
+    for start in range(0, flat.size, _CRC_CHUNK):
+        crc = zlib.crc32(np.ascontiguousarray(flat[start:start + _CRC_CHUNK]), crc)
+    return crc
+
+
 def _paths(directory: Path, stem: str) -> tuple[Path, Path]:
     return directory / f"{stem}.npy", directory / f"{stem}.json"
 
@@ -89,6 +104,10 @@ def load_split(directory: Path, stem: str) -> StoredSplit | None:
             or list(images.shape) != meta.get("shape")
             or array_path.stat().st_size != meta.get("bytes")):
         return None
+    if pixels_crc32(images) != meta.get("crc32"):
+        warnings.warn(f"Ignoring corrupt cache {array_path}: its pixels do not match the CRC-32 "
+                      f"recorded in {meta_path.name}; decoding again", stacklevel=3)
+        return None
     return stored
 
 
@@ -110,15 +129,20 @@ def save_split(directory: Path, stem: str, split: StoredSplit) -> StoredSplit:
     in memory, with a warning that it will be decoded again next time.
     """
     array_path, meta_path = _paths(directory, stem)
+    target = array_path
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(array_path, lambda f: np.save(f, np.ascontiguousarray(split.images)))
+        target = meta_path
         meta = {"version": _CACHE_VERSION, "shape": list(split.images.shape),
-                "bytes": array_path.stat().st_size, "classes": split.classes,
+                "bytes": array_path.stat().st_size, "crc32": pixels_crc32(split.images),
+                "classes": split.classes,
                 "class_sizes": split.class_sizes, "skipped": [list(s) for s in split.skipped]}
         _write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     except OSError as exc:
-        warnings.warn(f"Cannot write the image cache {array_path} ({exc}); the images will be "
-                      "decoded again next time", stacklevel=3)
+        if target == meta_path:  # an array without its description is no cache: no debris
+            array_path.unlink(missing_ok=True)
+        warnings.warn(f"Cannot write the image cache: writing {target} failed ({exc}); the "
+                      "images will be decoded again next time", stacklevel=3)
         return split
     return load_split(directory, stem) or split

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,32 @@ def _source(path: Path, checkpoint: dict[str, Any], data: dict[str, Any]) -> dic
     return source
 
 
+def check_checkpoint_bytes(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the damaged record if a byte of the
+    checkpoint changed since it was written.
+
+    ``torch.save`` writes a zip archive with a CRC-32 per record, but ``torch.load`` never
+    checks them: a flipped bit in a tensor loads as a silently different weight. This reads
+    every record once and compares (about as fast as reading the file). Files that are not zip
+    archives (the legacy format) are left to ``torch.load``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        return  # not a zip: torch.load names the problem (or reads a legacy checkpoint)
+    except (OSError, EOFError, zipfile.LargeZipFile) as error:
+        raise CheckpointError(f"{path} is unreadable ({error})") from error
+    except Exception as error:  # a damaged header: zipfile raises many types
+        raise CheckpointError(f"{path} is corrupt: its zip structure is damaged "
+                              f"({type(error).__name__}: {error})") from error
+    if damaged is not None:
+        raise CheckpointError(f"{path} is corrupt: record {damaged} does not match the CRC-32 "
+                              "written with it (a changed byte on disk); use another checkpoint")
+
+
 def _load_weights_only(path: Path) -> Any:
+    check_checkpoint_bytes(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types on damaged input

@@ -88,18 +88,30 @@ def write_export(model: ModelFiles, directory: str | Path, note: str | None = No
     model card (``README.md``, :mod:`fewshot.inference.model_card`); ``note`` (how it was
     trained) goes into both."""
     directory = Path(directory)
+    written: list[Path] = []
+    target = directory
     try:
         directory.mkdir(parents=True, exist_ok=True)
         weights = directory / WEIGHTS_FILE
         tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict.items()}
-        _atomic_write(weights, safetensors.torch.save(tensors))
-        metadata = {**model.metadata, "weights_sha256": _sha256(weights.read_bytes())}
+        data = safetensors.torch.save(tensors)
+        metadata = {**model.metadata, "weights_sha256": _sha256(data)}
         if note:
             metadata["note"] = note
-        _atomic_write(directory / METADATA_FILE, (json.dumps(metadata, indent=2) + "\n").encode())
-        _atomic_write(directory / CARD_FILE, model_card(metadata, name).encode())
+        for target, content in ((weights, data),
+                                (directory / METADATA_FILE,
+                                 (json.dumps(metadata, indent=2) + "\n").encode()),
+                                (directory / CARD_FILE, model_card(metadata, name).encode())):
+            _atomic_write(target, content)
+            written.append(target)
     except OSError as error:
-        raise CheckpointError(f"cannot write the export to {directory}: {error}") from error
+        # A disk that fills up half-way: no part of this export stays, so no folder holds new
+        # weights beside another export's description.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write the export: writing {target} failed "
+                              f"({error.strerror or error}); nothing of it was left in "
+                              f"{directory}") from error
     return directory
 
 

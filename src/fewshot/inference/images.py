@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from fewshot.data.image_decoding import check_resize_policy, prepare_image
+from fewshot.data.image_decoding import check_resize_policy, prepare_image, too_many_pixels
 from fewshot.data.registry import dataset_preprocessing
 
 ImageInput = str | Path | Image.Image | Tensor
@@ -184,7 +184,12 @@ def _open(item: ImageInput, name: str) -> Image.Image:
         raise ImageError(f"image file {name} does not exist")
     try:
         with Image.open(path) as image:
+            refused = too_many_pixels(image)  # from the header, before decoding a bomb
+            if refused is not None:
+                raise ImageError(f"{name}: {refused}")
             image.load()
             return image
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{name}: refused as a possible decompression bomb ({error})") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageError(f"{name} is not a readable image ({error})") from error

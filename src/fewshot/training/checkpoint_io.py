@@ -33,7 +33,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fewshot.inference.checkpoints import describe_load_error
+from fewshot.inference.checkpoints import check_checkpoint_bytes, describe_load_error
+from fewshot.inference.export import CheckpointError
+from fewshot.training.resume import (
+    MACHINE_SETTINGS,
+    checkpoint_record,
+    flat_settings,
+    setting_differences,
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -55,7 +62,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fd, temporary = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as file:
-                torch.save(checkpoint, file)
+                # Who wrote it, so a later fewshot can tell whether it can resume it.
+                torch.save({**checkpoint, "fewshot": checkpoint_record()}, file)
                 file.flush()
                 os.fsync(file.fileno())  # the data is on disk before the name points at it
             os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the checkpoint from others
@@ -72,6 +80,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str | os.PathLike,
                         map_location: Callable | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        if isinstance(get_filesystem(path), LocalFileSystem) and os.path.isfile(path):
+            check_checkpoint_bytes(Path(path))  # torch.load never checks the zip's CRC-32s
         try:
             return super().load_checkpoint(path, map_location=map_location,
                                            weights_only=weights_only)
@@ -115,8 +125,6 @@ class ResumableModelCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = saved_step
 
 
-# Data settings that say where the data is and how it is read, not which tasks a step trains on.
-MACHINE_SETTINGS = frozenset({"root", "cache_dir", "num_workers", "download"})
 
 
 def find_last_checkpoint(trainer: pl.Trainer, model: pl.LightningModule,
@@ -145,7 +153,10 @@ def find_last_checkpoint(trainer: pl.Trainer, model: pl.LightningModule,
     ours = _settings(dict(model.hparams), dict(datamodule.hparams) if datamodule else None)
     for path in found:
         try:
+            check_checkpoint_bytes(path)
             saved = torch.load(path, map_location="cpu", weights_only=True)
+        except CheckpointError:
+            raise
         except Exception as error:  # torch.load raises many types on damaged input
             raise describe_load_error(path, error) from error
         if isinstance(saved, dict) and _settings(
@@ -153,9 +164,15 @@ def find_last_checkpoint(trainer: pl.Trainer, model: pl.LightningModule,
                 saved.get("datamodule_hyper_parameters") if datamodule else None) == ours:
             return path
     if found:
-        rank_zero_warn(f"--ckpt_path last: the {len(found)} last checkpoint(s) found (the newest "
-                       f"is {found[0]}) are from runs with other model or data settings; none is "
-                       "resumed")
+        newest = torch.load(found[0], map_location="cpu", weights_only=True)
+        differences = setting_differences(
+            flat_settings(newest.get("hyper_parameters") or {},
+                          newest.get("datamodule_hyper_parameters") if datamodule else None),
+            flat_settings(dict(model.hparams), dict(datamodule.hparams) if datamodule else None))
+        rank_zero_warn(f"--ckpt_path last: the {len(found)} last checkpoint(s) found are from "
+                       f"runs with other model or data settings; none is resumed, a new run "
+                       f"starts. The newest, {found[0]}, differs in "
+                       f"{'; '.join(differences[:5]) or 'settings'}")
     return None
 
 

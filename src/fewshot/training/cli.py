@@ -33,7 +33,8 @@ from fewshot.training.lost_process import LostProcess, LostProcessError
 from fewshot.training.module import MetaLearner
 from fewshot.training.observability import MetaGradientMonitor
 from fewshot.training.original_flags import translate_original_flags
-from fewshot.training.resume import check_resume
+from fewshot.training.out_of_memory import meta_step_memory_error
+from fewshot.training.resume import check_model_settings_kept, check_resume
 
 TRAINER_DEFAULTS = {
     # Evaluation adapts with gradients; inference mode would forbid them.
@@ -101,11 +102,19 @@ class FewShotCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyperparameters of --ckpt_path before anything else: a damaged
         # or refused file is a user error naming it, not a traceback from torch.load.
+        subcommand = self.config.get("subcommand")
+        asked = self.config[subcommand].get("model") if subcommand == "fit" else None
+        asked = asked.clone() if asked is not None else None
         try:
             super()._parse_ckpt_path()
         except Exception as error:
             path = Path(self.config[self.config.subcommand].get("ckpt_path"))
             raise describe_load_error(path, error) from error
+        if asked is not None:
+            # Lightning puts the checkpoint's model settings over the command line's: resuming
+            # with another algorithm or model would silently train the checkpoint's instead.
+            check_model_settings_kept(self.config[subcommand].get("ckpt_path"), asked,
+                                      self.config[subcommand].get("model"))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -168,6 +177,9 @@ class FewShotCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except Exception as error:
+            memory = meta_step_memory_error(error)  # names the executors that bound memory
+            if memory is not None:
+                raise memory from error
             # A lost DDP process: one line naming it (fewshot.training.lost_process).
             lost = next((c for c in self.trainer.callbacks if isinstance(c, LostProcess)), None)
             if lost is None or lost.lost_ranks is None and not lost.cause:
