@@ -234,6 +234,11 @@ class MetaLearner(LightningModule):
         self.log(f"val/{metric}", mean, prog_bar=True, sync_dist=True)
         self.log(f"val/{metric}_ci95", ci95, sync_dist=True)
 
+    def on_test_start(self) -> None:
+        # Ensemble members were loaded before Lightning moved this module to its device.
+        for member in self.ensemble:
+            member.to(self.device)
+
     def on_test_epoch_end(self) -> None:
         accuracies = self._gather_accuracies()
         datamodule = self.trainer.datamodule
