@@ -37,3 +37,19 @@ def test_test_summary_and_its_text():
     text = format_test_result(result)
     assert text.startswith("Test accuracy over 2 episodes (5-way 1-shot, mean +- 95% CI):")
     assert "after 1 step(s): 80.00 +- " in text
+
+
+def test_regression_summary_names_its_metric_mse():
+    from fewshot.core.evaluation import format_test_result, summarise_test
+
+    errors = torch.tensor([[4.0, 1.0, 0.5], [2.0, 3.0, 0.5]])  # [tasks, steps + 1]
+    result = summarise_test(errors, 1, 10, 2, 0.01, metric="mse")
+    assert result["metric"] == "mse" and "accuracy" not in result
+    assert result["mse"] == pytest.approx(0.5) and result["ci95"] == 0.0
+    assert [r["mse"] for r in result["per_step"]] == pytest.approx([3.0, 2.0, 0.5])
+    assert result["per_step"][1]["ci95"] == pytest.approx(1.96 * math.sqrt(2.0) / math.sqrt(2))
+    text = format_test_result(result)
+    assert text.startswith("Test MSE over 2 tasks (10-shot, mean +- 95% CI):")
+    assert "after 1 step(s): 2.0000 +- 1.9600" in text and "%" not in text.split("\n", 1)[1]
+    # Classification records keep their shape: no metric key, accuracy in percent.
+    assert "metric" not in summarise_test(errors / 4, 5, 1, 2, 0.4)

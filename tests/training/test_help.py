@@ -16,7 +16,7 @@ from fewshot.training.callbacks import NonFinitePolicy
 from fewshot.training.checkpoint_io import ResumableModelCheckpoint
 from fewshot.training.cli import HELP_DEFAULTS
 from fewshot.training.datamodule import FewShotDataModule
-from fewshot.training.help import GROUPS, concise_help
+from fewshot.training.help import GROUPS, HIDDEN, concise_help
 from fewshot.training.loggers import RunLogger
 from fewshot.training.module import MetaLearner
 from fewshot.training.observability import MetaGradientMonitor
@@ -52,10 +52,10 @@ def test_the_concise_help_lists_every_option_in_under_300_lines(capsys):
         parser.add_class_arguments(cls, prefix, fail_untyped=False, sub_configs=True)
         for action in parser._actions:
             if action.dest.startswith(prefix + ".") and not action.dest.endswith(".help") \
-                    and action.dest != "model.ways":
+                    and action.dest not in HIDDEN:
                 assert f"--{action.dest} " in text or f"--{action.dest}\n" in text, action.dest
     backbone = next(line for line in lines if line.strip().startswith("--model.backbone"))
-    assert "Conv4, ResNet12" in backbone and "torch.nn" not in text
+    assert "Conv4, MLP, ResNet12" in backbone and "torch.nn" not in text
     dataset = " ".join(lines[lines.index(next(line for line in lines
                                               if "--data.dataset" in line)):][:3])
     assert all(name in dataset for name in DATASETS)

@@ -20,7 +20,7 @@ from fewshot.algorithms import MAML, MAMLPlusPlus
 from fewshot.core.episode import Episodes
 from fewshot.core.inner_optimizers import Adam
 from fewshot.execution import Auto, Loop, MemoryBudget
-from fewshot.models import Conv4, ResNet12, backbone_settings
+from fewshot.models import MLP, Conv4, ResNet12, backbone_settings
 from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throughput
 from fewshot.training.cli import build_cli
 from fewshot.training.datamodule import FewShotDataModule
@@ -287,9 +287,9 @@ def test_every_shipped_config_checkpoints_and_loads_back(config, tmp_path):
     backbone = source["model"].get("backbone", {"class_path": "fewshot.models.Conv4"})
     # Narrow layers for speed; everything else (image size, channels, ways, algorithm, per-step
     # batch norm, learned rates, executor) exactly as the config has it.
-    shrink = ("--model.backbone.init_args.channels=[2,3,4,5]"
-              if imported(backbone["class_path"]) is ResNet12
-              else "--model.backbone.init_args.hidden_channels=3")
+    shrink = {ResNet12: "--model.backbone.init_args.channels=[2,3,4,5]",
+              MLP: "--model.backbone.init_args.hidden_features=[3,3]"}.get(
+        imported(backbone["class_path"]), "--model.backbone.init_args.hidden_channels=3")
     cli = build_cli(["-c", str(config), shrink, "--trainer.logger=false",
                      f"--trainer.default_root_dir={tmp_path}"], run=False)
     model = cli.model
@@ -321,7 +321,8 @@ def test_every_shipped_config_checkpoints_and_loads_back(config, tmp_path):
     assert_same_model(loaded, model)
     assert dict(loaded.hparams) == recorded
     size = source["data"].get("image_size", 28)
-    images = torch.rand(4, source["data"].get("channels", 1), size, size, generator=generator)
+    images = (torch.rand(4, 1, generator=generator) if source["data"]["dataset"] == "sinusoid"
+              else torch.rand(4, source["data"].get("channels", 1), size, size, generator=generator))
     model.eval(), loaded.eval()
     torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
 

@@ -1,4 +1,5 @@
-"""Accuracy over many test episodes, reported the way few-shot papers do."""
+"""Accuracy (classification) or mean squared error (regression) over many test episodes,
+reported the way few-shot papers do: the mean with its 95% interval, after every inner step."""
 
 from __future__ import annotations
 
@@ -28,28 +29,38 @@ def mean_and_ci95(values: Tensor) -> tuple[float, float]:
     return mean, 1.96 * values.std(correction=1).item() / math.sqrt(n)
 
 
-def summarise_per_step(accuracies: Tensor) -> list[dict[str, float]]:
-    """``accuracies: [episodes, steps + 1]`` -> one ``{step, accuracy, ci95}`` row per step."""
+def summarise_per_step(values: Tensor, metric: str = "accuracy") -> list[dict[str, float]]:
+    """``values: [episodes, steps + 1]`` -> one ``{inner_step, <metric>, ci95}`` row per step
+    (``metric``: ``accuracy`` or ``mse``)."""
     rows = []
-    for step in range(accuracies.shape[1]):
-        mean, ci95 = mean_and_ci95(accuracies[:, step])
-        rows.append({"inner_step": step, "accuracy": mean, "ci95": ci95})
+    for step in range(values.shape[1]):
+        mean, ci95 = mean_and_ci95(values[:, step])
+        rows.append({"inner_step": step, metric: mean, "ci95": ci95})
     return rows
 
 
-def summarise_test(accuracies: Tensor, ways: int, shots: int | None, inner_steps: int,
-                inner_lr: float | str) -> dict:
-    """The record ``fewshot test`` prints and writes to ``test_results.json``."""
-    rows = summarise_per_step(accuracies)
+def summarise_test(values: Tensor, ways: int, shots: int | None, inner_steps: int,
+                   inner_lr: float | str, metric: str = "accuracy") -> dict:
+    """The record ``fewshot test`` prints and writes to ``test_results.json``: ``values
+    [episodes, steps + 1]`` are accuracies, or with ``metric="mse"`` mean squared errors
+    (regression; the record then says ``"metric": "mse"``)."""
+    rows = summarise_per_step(values, metric)
     return {
-        "episodes": accuracies.shape[0], "ways": ways, "shots": shots,
+        "episodes": values.shape[0], "ways": ways, "shots": shots,
         "inner_steps": inner_steps, "inner_lr": inner_lr,
-        "accuracy": rows[-1]["accuracy"], "ci95": rows[-1]["ci95"], "per_step": rows,
+        **({} if metric == "accuracy" else {"metric": metric}),
+        metric: rows[-1][metric], "ci95": rows[-1]["ci95"], "per_step": rows,
     }
 
 
 def format_test_result(result: dict) -> str:
-    """``Test accuracy over 600 episodes (5-way 1-shot, mean +- 95% CI):`` and a row per step."""
+    """``Test accuracy over 600 episodes (5-way 1-shot, mean +- 95% CI):`` and a row per step
+    (``Test MSE over 600 tasks (10-shot, ...)`` for regression)."""
+    if result.get("metric") == "mse":
+        lines = [f"  after {r['inner_step']} step(s): {r['mse']:.4f} +- {r['ci95']:.4f}"
+                 for r in result["per_step"]]
+        return (f"Test MSE over {result['episodes']} tasks ({result['shots'] or '?'}-shot, "
+                "mean +- 95% CI):\n" + "\n".join(lines))
     lines = [f"  after {r['inner_step']} step(s): {100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}%"
              for r in result["per_step"]]
     return (f"Test accuracy over {result['episodes']} episodes ({result['ways']}-way "

@@ -18,7 +18,8 @@ from fewshot.data.mini_imagenet import MiniImageNet
 from fewshot.data.omniglot import Omniglot
 from fewshot.data.tiered_imagenet import TieredImageNet
 
-__all__ = ["DATASETS", "class_split_for", "dataset_class", "dataset_preprocessing"]
+__all__ = ["DATASETS", "REGRESSION_DATASETS", "class_split_for", "dataset_class",
+           "dataset_preprocessing", "task_of"]
 
 DATASETS: dict[str, type[CachedClassImages]] = {
     "omniglot": Omniglot,
@@ -28,6 +29,15 @@ DATASETS: dict[str, type[CachedClassImages]] = {
     "fc100": FC100,
     "folder": ImageFolder,
 }
+# Tasks generated from functions, not drawn from images: regression, scored by mean squared
+# error (fewshot.data.sinusoid, MAML's sine waves). Served by the data module itself.
+REGRESSION_DATASETS = ("sinusoid",)
+
+
+def task_of(dataset: str) -> str:
+    """``regression`` for a dataset of :data:`REGRESSION_DATASETS`, else ``classification``:
+    what the model is (head, loss, metric) follows from the data."""
+    return "regression" if dataset in REGRESSION_DATASETS else "classification"
 
 
 def dataset_class(name: str) -> type[CachedClassImages]:

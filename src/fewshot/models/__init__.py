@@ -3,6 +3,7 @@
 from fewshot.models.batch_norm import TransductiveBatchNorm2d
 from fewshot.models.classifier import FewShotClassifier
 from fewshot.models.conv4 import Conv4
+from fewshot.models.mlp import MLP
 from fewshot.models.registry import (
     BACKBONES,
     BackboneError,
@@ -10,7 +11,9 @@ from fewshot.models.registry import (
     build_backbone,
     register_backbone,
 )
+from fewshot.models.regressor import FewShotRegressor
 from fewshot.models.resnet12 import ResNet12
 
-__all__ = ["BACKBONES", "BackboneError", "Conv4", "FewShotClassifier", "ResNet12",
+__all__ = ["BACKBONES", "BackboneError", "Conv4", "FewShotClassifier", "FewShotRegressor",
+           "MLP", "ResNet12",
            "TransductiveBatchNorm2d", "backbone_settings", "build_backbone", "register_backbone"]

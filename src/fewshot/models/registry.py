@@ -15,6 +15,7 @@ from torch import nn
 
 from fewshot.models.batch_norm import TransductiveBatchNorm2d
 from fewshot.models.conv4 import Conv4
+from fewshot.models.mlp import MLP
 from fewshot.models.resnet12 import ResNet12
 
 BACKBONES: dict[str, type[nn.Module]] = {}
@@ -44,6 +45,7 @@ def register_backbone(cls: type[nn.Module], *aliases: str) -> type[nn.Module]:
 
 register_backbone(Conv4, "fewshot.models.Conv4")
 register_backbone(ResNet12, "fewshot.models.ResNet12")
+register_backbone(MLP, "fewshot.models.MLP")
 
 
 def _norm_settings(norm_layer: Any) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from fewshot.data.episodes import (
     MetaBatches,
     StepSampler,
 )
-from fewshot.data.registry import DATASETS, class_split_for, dataset_class
+from fewshot.data.registry import DATASETS, REGRESSION_DATASETS, class_split_for, dataset_class
+from fewshot.data.sinusoid import SinusoidEpisodes, SinusoidMetaBatches
 
 __all__ = ["DATASETS", "FewShotDataModule", "default_root"]
 
@@ -40,7 +41,10 @@ class FewShotDataModule(LightningDataModule):
     Args:
         dataset: a name in :data:`fewshot.data.registry.DATASETS`: ``omniglot``,
             ``mini_imagenet``, ``tiered_imagenet``, ``cifar_fs``, ``fc100`` or ``folder`` (your own images,
-            ``root/{train,val,test}/<class>/<images>`` or ``root/<class>/<images>``).
+            ``root/{train,val,test}/<class>/<images>`` or ``root/<class>/<images>``), or
+            ``sinusoid``. The last is MAML's sine-wave regression (:mod:`fewshot.data.sinusoid`:
+            generated tasks, ``ways`` 1, ``shots`` and ``queries`` points per task, no image
+            options).
         root: folder with the dataset's archives or extracted folders (default: see
             :func:`default_root`).
         download: fetch the dataset into ``root`` if missing (Omniglot, CIFAR-FS: the official
@@ -110,7 +114,11 @@ class FewShotDataModule(LightningDataModule):
         resize: Literal["squash", "crop", "pad"] = "squash",
     ) -> None:
         super().__init__()
-        dataset_class(dataset).check_channels(channels)
+        if dataset not in REGRESSION_DATASETS:
+            dataset_class(dataset).check_channels(channels)
+        elif ways != 1:
+            raise ValueError(f"{dataset} tasks are regression, one function each: ways must be "
+                             f"1, got ways={ways}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
@@ -158,6 +166,9 @@ class FewShotDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         rank, world_size = self._distribution()
+        if hp.dataset in REGRESSION_DATASETS:
+            self._setup_sine_waves(stage, rank, world_size)
+            return
         if stage == "fit":
             self.train_set = MetaBatches(
                 self._load_split("train"), hp.ways, hp.shots, hp.queries, hp.meta_batch_size,
@@ -181,6 +192,19 @@ class FewShotDataModule(LightningDataModule):
             self._load_split(split), hp.ways, hp.shots, hp.eval_queries, episodes,
             self.eval_batch_size, hp.seed, stream, split, rank=rank, world_size=world_size,
         )
+
+    def _setup_sine_waves(self, stage: str, rank: int, world_size: int) -> None:
+        hp = self.hparams
+        if stage == "fit":
+            self.train_set = SinusoidMetaBatches(hp.shots, hp.queries, hp.meta_batch_size, hp.seed,
+                                                 length=2**62, rank=rank, world_size=world_size)
+        evaluation = {"val": ("fit", "validate"), "test": ("test",)}
+        for split, stream, episodes in (("val", VALIDATION_STREAM, hp.val_episodes),
+                                        ("test", TEST_STREAM, hp.test_episodes)):
+            if stage in evaluation[split]:
+                setattr(self, f"{split}_set", SinusoidEpisodes(
+                    hp.shots, hp.eval_queries, episodes, self.eval_batch_size, hp.seed, stream,
+                    split, rank=rank, world_size=world_size))
 
     def _loader(self, dataset, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers

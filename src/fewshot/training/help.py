@@ -20,7 +20,7 @@ from lightning.pytorch import Trainer
 from fewshot.algorithms import ALGORITHMS
 from fewshot.configs import config_names
 from fewshot.core.inner_optimizers import INNER_OPTIMIZERS
-from fewshot.data.registry import DATASETS
+from fewshot.data.registry import DATASETS, REGRESSION_DATASETS
 from fewshot.execution import EXECUTORS
 from fewshot.models import BACKBONES
 from fewshot.training.callbacks import NonFinitePolicy
@@ -33,9 +33,10 @@ from fewshot.training.observability import MetaGradientMonitor
 PARTS = {"backbone": BACKBONES, "algorithm": ALGORITHMS, "inner_optimizer": INNER_OPTIMIZERS,
          "executor": EXECUTORS}
 # Options whose values form a closed set the docstring may not list.
-CHOICES = {"data.dataset": sorted(DATASETS)}
-# Set by linking (data.ways -> model.ways ...) or by the CLI itself: not options to give.
-HIDDEN = {"model.ways"}
+CHOICES = {"data.dataset": sorted([*DATASETS, *REGRESSION_DATASETS])}
+# Set by linking (data.ways -> model.ways, data.dataset -> model.task ...) or by the CLI
+# itself: not options to give.
+HIDDEN = {"model.ways", "model.task"}
 TOP_LEVEL = [
     ("-c, --config FILE|NAME", "a YAML config, or the name of a shipped one "
                                f"({len(config_names())}: `fewshot configs` lists them)"),

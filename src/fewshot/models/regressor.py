@@ -1,0 +1,48 @@
+"""The network a meta-learner adapts to regression tasks: a feature extractor and a linear output."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FewShotRegressor(nn.Module):
+    """A feature extractor followed by a linear head of ``outputs`` real values per input.
+
+    Laid out as :class:`~fewshot.models.FewShotClassifier` (``features.*``, ``head.*``), so the
+    algorithms that adapt the head only (ANIL) work unchanged. ``task_loss`` is the loss its
+    outputs are scored by: the algorithms take it from the network they are built with
+    (a classifier's default is cross-entropy).
+
+    Args:
+        features: any module with an ``out_features`` attribute mapping inputs to vectors.
+        outputs: real values predicted per input (1 for a sine wave).
+
+    Example:
+        >>> import torch
+        >>> from fewshot.models import MLP
+        >>> network = FewShotRegressor(MLP(1, [40, 40]))  # MAML's 1-40-40-1 network
+        >>> network(torch.zeros(5, 1)).shape
+        torch.Size([5, 1])
+    """
+
+    task_loss = staticmethod(F.mse_loss)
+
+    def __init__(self, features: nn.Module, outputs: int = 1) -> None:
+        super().__init__()
+        if outputs < 1:
+            raise ValueError(f"a regression head needs at least 1 output, got outputs={outputs}")
+        self.features = features
+        self.head = nn.Linear(features.out_features, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [batch, ...] -> [batch, outputs]``."""
+        return self.head(self.features(x))
+
+    def head_parameter_names(self) -> frozenset[str]:
+        """Names (as in ``named_parameters``) of the head's parameters: what ANIL adapts."""
+        return frozenset(f"head.{name}" for name, _ in self.head.named_parameters())
+
+    def features_parameter_names(self) -> frozenset[str]:
+        """Names of the feature extractor's parameters."""
+        return frozenset(f"features.{name}" for name, _ in self.features.named_parameters())
