@@ -25,8 +25,11 @@ from PIL import Image
 import fewshot
 from fewshot.cli import main
 
+MISSING = browser_missing()
+if MISSING and os.environ.get("FEWSHOT_REQUIRE_BROWSER"):  # CI (.ci/run) installs the browser
+    raise RuntimeError(f"FEWSHOT_REQUIRE_BROWSER is set, but {MISSING}")
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))]
+              pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 REPO = Path(__file__).resolve().parents[2]
 
 

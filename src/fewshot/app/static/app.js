@@ -225,6 +225,7 @@ async function adapt(event) {
     const milliseconds = performance.now() - start;
     document.body.dataset.adaptMs = milliseconds.toFixed(1);
     const adapted = result.adapted;
+    document.body.dataset.serverMs = (1000 * (adapted.seconds + result.seconds)).toFixed(1);
     setBusy(null);
     $("#status").textContent = `Adapted to ${adapted.classes.length} classes ` +
       `(${adapted.classes.reduce((n, c) => n + c.images, 0)} images, ${adapted.steps} steps) and ` +
