@@ -46,6 +46,8 @@ def test_the_wheel_holds_configs_license_and_no_repository_paths(installed):
     assert any(name.endswith("licenses/LICENSE") for name in names)
     for part in ("model.safetensors", "fewshot.json", "README.md"):
         assert f"fewshot/pretrained/omniglot-5way-1shot/{part}" in names
+    for part in ("index.html", "app.js", "app.css"):  # the page of fewshot app
+        assert f"fewshot/app/static/{part}" in names
 
 
 def test_the_shipped_model_loads_by_name_after_installing(installed, tmp_path):
