@@ -73,3 +73,13 @@ def test_an_adapted_classifier_cannot_be_served(tmp_path, capsys):
 def _write(path: Path, seed: int) -> Path:
     path.write_bytes(png(seed))
     return path
+
+
+def test_the_app_never_imports_lightning():
+    # import-linter checks the imports it can see; this checks what a running app loads.
+    script = ("import sys; from fewshot.app.cli import load, Session, Workspace, AppServer; "
+              "learner = load('omniglot-5way-1shot'); "
+              "print(sorted(m for m in sys.modules if m.startswith(('lightning', 'fewshot.training'))))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -109,6 +109,7 @@ def run_adapt(args: argparse.Namespace) -> Predictions:
         "lr": predictor.lr,
         "batching": predictions.batching,
         "top_k": args.top_k,
+        "adapted_classifier": isinstance(learner, Predictor),
     }
     _print(report, predictions, args.top_k)
     if args.output is not None:
@@ -128,7 +129,11 @@ def _print(report: dict[str, Any], predictions: Predictions, top_k: int) -> None
     head = ("its trained head" if report["head"] == "trained" else
             "class prototypes (no head)" if report["head"].startswith("none") else
             f"a zero-initialised {len(report['classes'])}-way head (trained for {report['trained_ways']})")
-    console.print(f"Model: {report['checkpoint']}, adapting {head}")
+    if report["adapted_classifier"]:
+        console.print(f"Model: {report['checkpoint']}, an adapted classifier (adapted when it "
+                      f"was saved, from {head})")
+    else:
+        console.print(f"Model: {report['checkpoint']}, adapting {head}")
     console.print(f"Support: {len(report['classes'])} classes, {sum(report['support'].values())} images: {counts}")
     rate = ("none (no inner loop)" if report["steps"] == 0 else
             "learned per step" if report["lr"] is None else f"{report['lr']:g}")
