@@ -11,7 +11,9 @@ class Episodes(NamedTuple):
     """``T`` tasks of ``N`` ways, each with ``K`` support and ``Q`` query images per class.
 
     Labels are remapped per task to ``0..N-1``. Lightning moves NamedTuples between devices
-    as a whole, so this travels as the batch of every step.
+    as a whole, so this travels as the batch of every step. Regression tasks (sine waves,
+    :mod:`fewshot.data.sinusoid`) have one way: float inputs and targets ``[T, K, 1]`` and
+    ``[T, Q, 1]``.
 
     Attributes:
         support_x: ``[T, N*K, C, H, W]`` float images the model adapts on.
