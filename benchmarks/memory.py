@@ -10,7 +10,12 @@ the growth of the resident set during the measured step (``VmHWM`` reset through
 ``torch.cuda.max_memory_allocated``. Modes: ``plain`` (the ``--batching`` executor),
 ``checkpoint`` (``RecomputeInnerSteps``: each inner step recomputed in the backward pass) and,
 with ``--budget_mib``, ``budget`` (``MemoryBudget``: tasks in recomputed chunks sized from the
-budget, inner steps recomputed too). Last line: one JSON object.
+budget, inner steps recomputed too). With ``--peers``, learn2learn's loop (``learn2learn``)
+and the same loop on worker threads (``learn2learn_threads``, benchmarks/peers.py) run the same
+meta-step in the same way, for comparison. Last line: one JSON object.
+
+    python benchmarks/memory.py --setting omniglot --tasks 32 --steps 1 --peers   # the issue's
+    python benchmarks/memory.py --setting mini_imagenet --tasks 4 --steps 5 --peers
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import sys
 import time
 
 import torch
+from bench_deps import load_peers
 from meta_step import SETTINGS, Setting, make_episodes
 from peak_memory import peak_memory_mib
+from peers import learn2learn_step, learn2learn_threaded_step, peer_model
 
 from fewshot.algorithms import MAML
 from fewshot.execution import (
@@ -32,13 +39,15 @@ from fewshot.execution import (
     Loop,
     MemoryBudget,
     RecomputeInnerSteps,
+    Threads,
     Vmap,
     run_meta_batch,
 )
 from fewshot.models import Conv4, FewShotClassifier
 
-BATCHING = {"auto": Auto, "vmap": Vmap, "loop": Loop}
+BATCHING = {"auto": Auto, "vmap": Vmap, "loop": Loop, "threads": Threads}
 MODES = ("plain", "checkpoint", "budget")
+PEER_MODES = {"learn2learn": learn2learn_step, "learn2learn_threads": learn2learn_threaded_step}
 
 
 def executor_for(mode: str, batching: str, budget_mib: float | None) -> Executor:
@@ -57,14 +66,24 @@ def one_point(s: Setting, mode: str, batching: str, device: torch.device, budget
     torch.manual_seed(0)
     model = FewShotClassifier(Conv4(s.channels, s.hidden, s.size), s.ways).to(device)
     episodes = make_episodes(s, device)
-    maml = MAML(inner_steps=s.steps, inner_lr=s.inner_lr)
-    maml.build(model)
-    executor = executor_for(mode, batching, budget_mib)
+    if mode in PEER_MODES:  # the same meta-step written with learn2learn
+        peers, missing = load_peers()
+        if "learn2learn" not in peers:
+            raise SystemExit(f"{mode}: {missing[0]}")
+        peer = peer_model(model, s.channels, s.hidden, s.size)
+        del model
 
-    def step() -> None:
-        params = dict(model.named_parameters())
-        results = run_meta_batch(maml, model, episodes, executor, params=params)
-        torch.autograd.grad(maml.meta_loss(results, epoch=0), list(params.values()))
+        def step() -> None:
+            PEER_MODES[mode](peers["learn2learn"], peer, episodes, s.steps, s.inner_lr, False)
+    else:
+        maml = MAML(inner_steps=s.steps, inner_lr=s.inner_lr)
+        maml.build(model)
+        executor = executor_for(mode, batching, budget_mib)
+
+        def step() -> None:
+            params = dict(model.named_parameters())
+            results = run_meta_batch(maml, model, episodes, executor, params=params)
+            torch.autograd.grad(maml.meta_loss(results, epoch=0), list(params.values()))
 
     step()  # warm-up (and, in budget mode, the one-task measurement)
     start = time.perf_counter()
@@ -85,6 +104,8 @@ def main() -> None:
     parser.add_argument("--batching", default="auto", choices=list(BATCHING),
                         help="the executor of every mode: Auto, Vmap or Loop")
     parser.add_argument("--budget_mib", type=float, default=None, help="also run the budget mode")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run learn2learn's loop, alone and on worker threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--point", nargs=2, metavar=("STEPS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -99,7 +120,8 @@ def main() -> None:
         print(json.dumps(one_point(s, mode, args.batching, device, args.budget_mib)))
         return
 
-    modes = ["plain", "checkpoint"] + (["budget"] if args.budget_mib else [])
+    modes = ["plain", "checkpoint"] + (["budget"] if args.budget_mib else []) \
+        + (list(PEER_MODES) if args.peers else [])
     points = []
     for steps in args.steps:
         for mode in modes:

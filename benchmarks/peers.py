@@ -9,6 +9,8 @@ divided by the number of tasks, giving the gradient of the mean query loss.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import torch
@@ -47,6 +49,54 @@ def learn2learn_step(maml_module: ModuleType, model: nn.Module, episodes: Episod
         for _ in range(steps):
             learner.adapt(F.cross_entropy(learner(sx), sy))
         F.cross_entropy(learner(qx), qy).backward()
+    return _mean_of_accumulated(model, episodes.num_tasks)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _single_threaded_pool(workers: int) -> ThreadPoolExecutor:
+    """``workers`` threads of one intra-op thread each, as a learn2learn user would set up."""
+    if workers not in _pools:
+        intra_op = torch.get_num_threads()
+        started = threading.Barrier(workers + 1)
+
+        def one_thread() -> None:
+            torch.set_num_threads(1)  # this thread's own OpenMP setting
+            started.wait(timeout=60)
+
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="learn2learn-tasks")
+        for _ in range(workers):
+            pool.submit(one_thread)
+        started.wait(timeout=60)
+        torch.set_num_threads(intra_op)  # set_num_threads(1) also lowered the process default
+        _pools[workers] = pool
+    return _pools[workers]
+
+
+def learn2learn_threaded_step(maml_module: ModuleType, model: nn.Module, episodes: Episodes,
+                              steps: int, lr: float, first_order: bool,
+                              workers: int | None = None) -> list[Tensor]:
+    """learn2learn's loop, best effort on a multi-core CPU: the tasks split into ``workers``
+    contiguous shares (default: one per intra-op thread), each share run by its own thread with
+    one intra-op thread, exactly :func:`learn2learn_step`'s per-task code (clones adapted,
+    ``backward`` per task; autograd's gradient accumulation is locked, so ``.grad`` sums the
+    threads' tasks)."""
+    workers = min(workers or torch.get_num_threads(), episodes.num_tasks)
+    maml = maml_module.MAML(model, lr=lr, first_order=first_order)
+    model.zero_grad(set_to_none=True)
+    bounds = [episodes.num_tasks * i // workers for i in range(workers + 1)]
+
+    def share(start: int, stop: int) -> None:
+        for sx, sy, qx, qy in zip(*(t[start:stop] for t in episodes), strict=True):
+            learner = maml.clone()
+            for _ in range(steps):
+                learner.adapt(F.cross_entropy(learner(sx), sy))
+            F.cross_entropy(learner(qx), qy).backward()
+
+    pool = _single_threaded_pool(workers)
+    for done in [pool.submit(share, bounds[i], bounds[i + 1]) for i in range(workers)]:
+        done.result()
     return _mean_of_accumulated(model, episodes.num_tasks)
 
 

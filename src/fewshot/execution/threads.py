@@ -1,13 +1,25 @@
-"""A meta-batch's tasks on worker threads, one CPU core each.
+"""A meta-batch's tasks on worker threads, one CPU core each, each task's backward pass at once.
 
 On a CPU, PyTorch splits every operation across its intra-op threads, and the operations of
 one few-shot task are too small to split well: conv4 on Omniglot (5 images a layer) runs its
 second-order meta-step only about 1.5x faster on two cores than on one. The tasks of a
 meta-batch are independent, so the cores can take whole tasks instead: each worker thread runs
-its share of the tasks with one intra-op thread, their forward passes and inner loops when the
-meta-batch runs, and the backward pass of its own tasks' graphs when the meta-loss is
-differentiated (a ``torch.autograd.Function`` hands each worker its slice of the incoming
-gradient). PyTorch's kernels release the GIL, so the workers compute in parallel.
+its share of the tasks with one intra-op thread (:mod:`fewshot.execution.worker_pool`).
+PyTorch's kernels release the GIL, so the workers compute in parallel.
+
+Memory like a per-task loop: a worker differentiates each task's objective as soon as the task
+has run, adds the gradient to its share's sum and drops the task's graph, so one task's graph
+per worker is alive at a time, not the meta-batch's. That backward pass needs the gradient of
+the meta-loss with respect to the task's objective before the meta-loss exists, so it uses a
+prediction: the direction seen in the previous backward pass of the same algorithm and
+objective shape (at first: the last entry alone, plain MAML's). When the meta-loss is
+differentiated, each worker's sum is scaled by the one factor that makes its prediction equal
+the true gradient (the mean over tasks, a DDP share or a loss scale are such factors); where
+no factor does (tasks weighted unequally, a new multi-step weighting), that worker's tasks run
+again and are differentiated with the true gradient. Either way the meta-gradient is exact for
+any meta-loss; a wrong prediction costs one more forward pass of the tasks concerned. Like the
+recomputing executors (:mod:`fewshot.execution.memory_budget`), that rerun assumes a task
+computes the same values twice (no random draws inside a task).
 
 Values and gradients are those of the per-task loop: every task runs the same operations on
 the same values; only the sum over tasks is added in another order.
@@ -27,12 +39,10 @@ or a second backward pass through the same meta-batch is refused by name (the lo
 from __future__ import annotations
 
 import contextvars
-import copy
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -44,73 +54,27 @@ from fewshot.core.inner_loop import TaskResult
 from fewshot.core.transforms import inside_functorch_transform
 from fewshot.execution.base import Differentiable, Executor, inputs_need_gradients
 from fewshot.execution.loop import Loop
+from fewshot.execution.worker_pool import (
+    default_workers,
+    shallow_module_copy,
+    split,
+    worker_pool,
+    workers_are_single_threaded,
+)
+
+__all__ = ["Threads", "default_workers", "run_tasks_on_threads", "shallow_module_copy",
+           "tasks_on_threads_supported", "worker_pool"]
 
 # ``(model, differentiable, task) -> result``: a pytree of tensors whose first leaf (the
 # losses) is the only one differentiated.
 TaskRunner = Callable[[nn.Module, Any, Sequence[Tensor]], Any]
+# ``(task index, its objective) -> the gradient to differentiate it with``.
+TaskWeights = Callable[[int, Tensor], Tensor]
 
-# One pool per size, never shut down: a graph waiting for its backward pass keeps using the
-# pool that built it, whatever ran in between.
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-_single_threaded_workers = True  # False where set_num_threads is process-wide (no OpenMP)
-
-
-def _forget_pools_in_child() -> None:
-    # A forked child (a DataLoader worker, say) has none of the parent's threads: it must start
-    # its own pools rather than wait on workers that do not exist there.
-    global _pools, _pools_lock
-    _pools, _pools_lock = {}, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pools_in_child)
-
-
-def _become_single_threaded(started: threading.Barrier) -> int:
-    torch.get_num_threads()  # a thread's first call copies the process-wide setting; then:
-    torch.set_num_threads(1)  # this thread's own (OpenMP's is per thread)
-    started.wait(timeout=60)
-    return torch.get_num_threads()
-
-
-def worker_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads, each running with one intra-op thread (one pool per size,
-    kept for the life of the process)."""
-    global _single_threaded_workers
-    with _pools_lock:
-        if workers not in _pools:
-            intra_op = torch.get_num_threads()
-            pool = ThreadPoolExecutor(workers, thread_name_prefix=f"fewshot-tasks-{workers}")
-            started = threading.Barrier(workers + 1)
-            # Every worker blocks on the barrier, so the pool starts all of them now.
-            futures = [pool.submit(_become_single_threaded, started) for _ in range(workers)]
-            started.wait(timeout=60)
-            own_threads = [future.result() for future in futures]
-            # set_num_threads(1) also lowered the process-wide value new threads start from;
-            # and without OpenMP it is process-wide only: then workers would not be single-
-            # threaded, and tasks stay in the caller's thread (tasks_on_threads_supported).
-            torch.set_num_threads(intra_op)
-            _single_threaded_workers = _single_threaded_workers and own_threads == [1] * workers \
-                and torch.get_num_threads() == intra_op
-            _pools[workers] = pool
-        return _pools[workers]
-
-
-def shallow_module_copy(module: nn.Module) -> nn.Module:
-    """``module``'s tree with new module objects and attribute dicts but the same parameter and
-    buffer tensors: swapping an attribute of the copy leaves the original alone, while in-place
-    updates of the tensors (running statistics, optimizer steps) are seen by both."""
-    clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._modules = {name: None if child is None else shallow_module_copy(child)
-                      for name, child in module._modules.items()}
-    return clone
-
-
-def default_workers() -> int:
-    """One worker per intra-op thread the caller has (``torch.get_num_threads()``)."""
-    return torch.get_num_threads()
+# The gradient of the meta-loss with respect to one task's objective, as last seen, by
+# (algorithm, objective shape): the prediction each task's immediate backward pass uses.
+_last_seen: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+_last_seen_lock = threading.Lock()
 
 
 def _thread_local_state_in_use() -> bool:
@@ -129,21 +93,55 @@ def tasks_on_threads_supported(device: torch.device, tasks: int | None = None) -
     state around the call that the workers would miss (:func:`_thread_local_state_in_use`)."""
     workers = default_workers()
     return (device.type == "cpu" and workers > 1 and (tasks is None or tasks >= workers)
-            and _single_threaded_workers and not _thread_local_state_in_use())
+            and workers_are_single_threaded() and not _thread_local_state_in_use())
 
 
-def _split(tasks: int, parts: int) -> list[range]:
-    """``range(tasks)`` in ``parts`` contiguous, nearly equal pieces."""
-    bounds = [tasks * i // parts for i in range(parts + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+def _owner(run_task: TaskRunner) -> int:
+    """Which algorithm a task function belongs to (the object behind a bound method or a
+    ``functools.partial`` of one), for the predictions."""
+    function = getattr(run_task, "func", run_task)
+    return id(getattr(function, "__self__", function))
+
+
+def predicted_weights(owner: int, objective: Tensor) -> Tensor:
+    """The gradient a task's ``objective`` is differentiated with before the meta-loss
+    exists: the last one seen for this algorithm and shape, else the last entry alone."""
+    with _last_seen_lock:
+        seen = _last_seen.get((owner, tuple(objective.shape)))
+    if seen is not None:
+        return seen.to(objective)
+    weights = torch.zeros_like(objective)
+    weights.view(-1)[-1] = 1
+    return weights
+
+
+def scale_between(grads: Tensor, weights: Tensor) -> Tensor | None:
+    """``c`` with ``grads[t] == c * weights`` for every task ``t`` (to a few units in the last
+    place), or None if there is no such number."""
+    grads, weights = grads.detach(), weights.to(grads).expand_as(grads)
+    norm = (weights * weights).sum()
+    if norm == 0:
+        return None
+    c = (grads * weights).sum() / norm
+    tolerance = 8 * torch.finfo(grads.dtype).eps * grads.abs().max()
+    return c if (grads - c * weights).abs().max() <= tolerance else None
+
+
+class _Share(NamedTuple):
+    """What one worker keeps of its tasks after their backward passes."""
+
+    rows: range
+    sums: list[Tensor | None]  # per input: its gradient summed over the share's tasks
+    weights: Tensor | None  # the predicted gradient of every task's objective
 
 
 class _TasksOnThreads(torch.autograd.Function):
-    """Outputs of the workers' tasks; the backward pass runs in the workers too."""
+    """Outputs of the workers' tasks, already differentiated with predicted weights; the
+    backward pass scales the workers' sums, or reruns the tasks whose prediction was off."""
 
     @staticmethod
     def forward(ctx: Any, run: Callable, pool: ThreadPoolExecutor, *inputs: Tensor) -> tuple[Tensor, ...]:
-        outputs, ctx.graphs = run(inputs)
+        outputs, ctx.shares, ctx.rerun = run(inputs)
         ctx.pool, ctx.n_inputs = pool, len(inputs)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -154,30 +152,35 @@ class _TasksOnThreads(torch.autograd.Function):
             raise RuntimeError(
                 "the meta-gradient of tasks run on worker threads cannot be differentiated again "
                 "(create_graph=True): use the Loop executor (fewshot.execution.Loop)")
-        if ctx.graphs is None:
+        if ctx.shares is None:
             raise RuntimeError("trying to backward through the tasks run on worker threads a second "
                                "time: their graphs are freed after the first backward")
-        graphs, ctx.graphs = ctx.graphs, None
-
-        def backward_of(graph: tuple[Tensor, list[Tensor | None], range]) -> list[Tensor | None]:
-            losses, leaves, rows = graph
-            wanted = [leaf for leaf in leaves if leaf is not None]
-            grads = iter(torch.autograd.grad(losses, wanted, grad_losses[rows.start:rows.stop],
-                                             allow_unused=True) if wanted else ())
-            return [None if leaf is None else next(grads) for leaf in leaves]
-
+        shares, ctx.shares = ctx.shares, None
         totals: list[Tensor | None] = [None] * ctx.n_inputs
-        for grads in ctx.pool.map(backward_of, graphs):
-            for i, g in enumerate(grads):
+
+        def add(sums: Sequence[Tensor | None], scale: Tensor | float = 1.0) -> None:
+            for i, g in enumerate(sums):
                 if g is not None:
-                    totals[i] = g if totals[i] is None else totals[i] + g
+                    totals[i] = g * scale if totals[i] is None else totals[i] + g * scale
+
+        wrong = []
+        for share in shares:
+            given = grad_losses[share.rows.start:share.rows.stop]
+            scale = None if share.weights is None else scale_between(given, share.weights)
+            if scale is None:
+                wrong.append(share.rows)
+            else:
+                add(share.sums, scale)
+        for sums in ctx.rerun(wrong, grad_losses):
+            add(sums)
+        ctx.rerun = None
         return (None, None, *totals)
 
 
 def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable: Any,
                          tasks: Sequence[Tensor], workers: int | None = None) -> Any:
     """``run_task(model, differentiable, task)`` for every task, on worker threads, stacked
-    over the tasks.
+    over the tasks; each task differentiated as soon as it has run (see the module docstring).
 
     Args:
         run_task: ``(model, differentiable, task) -> result``; ``model`` is the worker's own
@@ -204,37 +207,65 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
     inputs = [leaves[i] for i in slots]
     build_graph = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     output_spec: list[pytree.TreeSpec] = []
+    owner = _owner(run_task)
 
-    def work(rows: range, values: Sequence[Tensor]):
+    def work(rows: range, values: Sequence[Tensor], weights_of: TaskWeights | None):
+        """The share's tasks; with ``weights_of``, each differentiated at once with them."""
         with torch.set_grad_enabled(build_graph):
             # The worker's own leaves, so that its backward pass stays within its own graph.
             own = [v.detach().requires_grad_(v.requires_grad) for v in values] if build_graph \
                 else list(values)
+            wanted = [i for i, o in enumerate(own) if build_graph and o.requires_grad]
             filled = list(leaves)
             for slot, value in zip(slots, own, strict=True):
                 filled[slot] = value
             mine = pytree.tree_unflatten(filled, spec)
             own_model = shallow_module_copy(model)
-            results = [run_task(own_model, mine, [t[r] for t in tasks]) for r in rows]
-        flat = [pytree.tree_flatten(result) for result in results]
-        if any(f[1] != flat[0][1] for f in flat) or output_spec and output_spec[0] != flat[0][1]:
-            raise ValueError("every task must return results of the same structure")
-        output_spec[:] = [flat[0][1]]
-        stacked = [torch.stack(column) for column in zip(*(f[0] for f in flat), strict=True)]
-        return stacked, (stacked[0], [o if o.requires_grad else None for o in own], rows)
+            sums: list[Tensor | None] = [None] * len(own)
+            used, columns = None, []
+            for r in rows:
+                flat, structure = pytree.tree_flatten(run_task(own_model, mine, [t[r] for t in tasks]))
+                if output_spec and output_spec[0] != structure:
+                    raise ValueError("every task must return results of the same structure")
+                output_spec[:] = [structure]
+                if weights_of is not None and wanted and flat[0].requires_grad:
+                    used = weights_of(r, flat[0])
+                    grads = torch.autograd.grad(flat[0], [own[i] for i in wanted], used,
+                                                allow_unused=True)
+                    for i, g in zip(wanted, grads, strict=True):
+                        if g is not None:
+                            sums[i] = g if sums[i] is None else sums[i] + g
+                columns.append([leaf.detach() for leaf in flat])  # the task's graph goes here
+        stacked = [torch.stack(column) for column in zip(*columns, strict=True)]
+        return stacked, _Share(rows, sums, used)
+
+    def predicted(_: int, objective: Tensor) -> Tensor:
+        return predicted_weights(owner, objective)
 
     def run(values: Sequence[Tensor]):
-        pieces = [pool.submit(contextvars.copy_context().run, work, rows, values)
-                  for rows in _split(count, workers)]
+        context = contextvars.copy_context()
+        pieces = [pool.submit(context.copy().run, work, rows, values,
+                              predicted if build_graph else None)
+                  for rows in split(count, workers)]
         parts = [piece.result() for piece in pieces]
-        outputs = tuple(torch.cat([p[0][i].detach() for p in parts])
-                        for i in range(len(parts[0][0])))
-        return outputs, [p[1] for p in parts]
+        outputs = tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0])))
+
+        def rerun(shares: list[range], grad_losses: Tensor) -> list[list[Tensor | None]]:
+            """Gradients of the tasks in ``shares`` for the true ``grad_losses``; then the
+            prediction becomes what was seen."""
+            if grad_losses[0].any():
+                with _last_seen_lock:
+                    _last_seen[(owner, tuple(grad_losses.shape[1:]))] = grad_losses[0].detach().clone()
+            again = [pool.submit(context.copy().run, work, rows, values,
+                                 lambda r, _: grad_losses[r]) for rows in shares]
+            return [piece.result()[1].sums for piece in again]
+
+        return outputs, [p[1] for p in parts], rerun
 
     if build_graph:
         outputs = _TasksOnThreads.apply(run, pool, *inputs)
     else:
-        outputs, _ = run(inputs)
+        outputs, _, _ = run(inputs)
     return pytree.tree_unflatten(list(outputs), output_spec[0])
 
 
