@@ -43,8 +43,10 @@ def ddp_arguments(fake: FakeOmniglot, run_dir: Path, *extra: str) -> list[str]:
 
 
 def torchrun(fake: FakeOmniglot, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={free_port()}", *extra, str(LAUNCHER), *ddp_arguments(fake, run_dir)]
+    # --standalone: a rendezvous of its own per attempt (with a fixed --master_port, the
+    # restarted workers can find the dead ones' addresses and fail to connect).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            *extra, str(LAUNCHER), *ddp_arguments(fake, run_dir)]
 
 
 def start(command: list[str], fake: FakeOmniglot, run_dir: Path) -> tuple[subprocess.Popen, Path]:

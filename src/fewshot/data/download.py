@@ -8,6 +8,7 @@ are renamed into place only once complete and verified.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -367,6 +368,17 @@ def _extract_into(archive: Path, workdir: Path, limit: int) -> None:
     raise ValueError(f"{archive}: not a zip or tar archive")
 
 
+# Errors of the disk being written (full, read-only, no permission), not of the archive.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _damaged(archive: Path, error: BaseException) -> IntegrityError:
+    if isinstance(error, ValueError) and str(error).startswith(f"{archive}:"):
+        return IntegrityError(str(error))  # already names the archive
+    return IntegrityError(f"{archive} is a damaged or unsupported archive "
+                          f"({type(error).__name__}: {error}); download it again")
+
+
 def _move_into_place(workdir: Path, destination: Path) -> None:
     if not destination.exists():
         os.replace(workdir, destination)
@@ -403,7 +415,16 @@ def extract_archive(archive: str | Path, destination: str | Path,
     workdir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.extracting-",
                                     dir=destination.parent))
     try:
-        _extract_into(archive, workdir, max_total_bytes)
+        try:
+            _extract_into(archive, workdir, max_total_bytes)
+        except UnsafeArchiveError:
+            raise
+        except OSError as error:
+            if error.errno in _DISK_ERRNOS:  # the disk, not the archive: say so as it is
+                raise
+            raise _damaged(archive, error) from error
+        except Exception as error:  # zipfile and tarfile raise many types on damaged input
+            raise _damaged(archive, error) from error
         _move_into_place(workdir, destination)
     finally:
         if workdir.exists():

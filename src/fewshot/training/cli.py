@@ -29,7 +29,11 @@ from fewshot.training.callbacks import NonFinitePolicy, TestResultsWriter, Throu
 from fewshot.training.checkpoint_io import ResumableModelCheckpoint, find_last_checkpoint
 from fewshot.training.datamodule import FewShotDataModule
 from fewshot.training.ensemble import ensemble_paths, load_members
-from fewshot.training.lost_process import LostProcess, LostProcessError
+from fewshot.training.lost_process import (
+    LostProcess,
+    LostProcessError,
+    join_this_attempts_process_group,
+)
 from fewshot.training.module import MetaLearner
 from fewshot.training.observability import MetaGradientMonitor
 from fewshot.training.original_flags import translate_original_flags
@@ -149,6 +153,7 @@ class FewShotCLI(LightningCLI):
             self._say(f"torchrun restart {restarts}: resuming from the last checkpoint of this "
                       "run's settings, if any")
             config["ckpt_path"] = "last"
+            join_this_attempts_process_group(self.trainer)
         if config.get("ckpt_path") == "last":
             found = find_last_checkpoint(self.trainer, self.model, self.datamodule)
             if found is not None:

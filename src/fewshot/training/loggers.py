@@ -42,6 +42,21 @@ class RunLogger(CSVLogger):
         self._tensorboard = tensorboard
         self._writer = None
 
+    def _get_next_version(self) -> int:
+        # Two runs started at the same moment in one folder would both find version_N free
+        # and write into each other's files: the run folder is claimed by creating it
+        # (mkdir fails for the second), on the process that writes the logs.
+        version = super()._get_next_version()
+        if rank_zero_only.rank != 0 or "://" in str(self.root_dir):
+            return version
+        Path(self.root_dir).mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (Path(self.root_dir) / f"version_{version}").mkdir()
+                return version
+            except FileExistsError:
+                version += 1
+
     @property
     def tensorboard(self):
         """The ``SummaryWriter`` of this run (created on first use), or None if disabled."""

@@ -11,6 +11,7 @@ within a few seconds are named as lost in :class:`LostProcessError`.
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 
@@ -80,6 +81,28 @@ class LostProcess(Callback):
             f"{trainer.global_rank}) stops too.{resume}")
 
 
+def join_this_attempts_process_group(trainer: Trainer) -> None:
+    """Under ``torchrun --max-restarts``, after a restart: join a process group of this
+    attempt's own, before Lightning creates one.
+
+    torchrun's agent keeps one rendezvous store across attempts, and torch's process group
+    registers each process's address under the same keys every attempt: a restarted process
+    that reaches the group before its peers reads a dead process's address and fails
+    ("Gloo connectFullMesh failed ... Connection refused"). Keys prefixed by the attempt
+    cannot be stale. Lightning then finds the group initialised and uses it.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    if (restart == 0 or world_size < 2 or not dist.is_available() or dist.is_initialized()
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timedelta(minutes=30))
+    backend = "nccl" if trainer.strategy.root_device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"fewshot/attempt_{restart}", store),
+                            rank=int(os.environ["RANK"]), world_size=world_size)
+
+
 def is_lost_peer(exception: BaseException) -> bool:
     """Whether ``exception`` is a collective failing because a peer is gone or silent."""
     if isinstance(exception, dist.DistError):
@@ -113,4 +136,4 @@ def _first_line(text: str) -> str:
     return line[:300]
 
 
-__all__ = ["LostProcess", "LostProcessError", "is_lost_peer"]
+__all__ = ["LostProcess", "LostProcessError", "is_lost_peer", "join_this_attempts_process_group"]
