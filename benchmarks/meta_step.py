@@ -137,7 +137,8 @@ def rows_for(s: Setting, device: torch.device, peers: dict, chunk_size: int,
     rows = [
         Row("fewshot loop", False, None, fs(False, Loop())),
         Row("fewshot vmap", False, None, fs(False, Vmap())),
-        *([Row("fewshot threads", False, None, fs(False, Threads()))]
+        *([Row("fewshot threads", False, None, fs(False, Threads())),
+           Row("fewshot threads NCHW", False, None, fs(False, Threads(channels_last=False)))]
           if device.type == "cpu" else []),  # elsewhere threads fall back to the loop
         Row(f"fewshot auto ({auto})", False, None, fs(False, Auto())),
         Row(f"fewshot vmap chunk={min(chunk_size, max(1, s.tasks // 2))}", False, None,

@@ -390,3 +390,31 @@ def test_auto_describes_vmap_on_a_gpu():
     assert Auto().describe(torch.device("cuda"), 1000) == "vmap"
     assert Threads().describe(torch.device("cuda"), 10) == "loop"
     assert Threads().describe(torch.device("cpu"), 10) == "threads"
+
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_tasks_get_channels_last_weights_and_images_only_when_asked(channels_last):
+    seen = []
+
+    def run_task(model, differentiable, task):
+        weight, bias = differentiable["weight"], differentiable["bias"]
+        seen.append([t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                     for t in (weight, task[0])] + [bias.is_contiguous()])
+        out = torch.nn.functional.conv2d(task[0], weight, bias)
+        return out.square().mean().unsqueeze(0)
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, generator=generator, requires_grad=True)
+    images = torch.rand(4, 2, 3, 8, 8, dtype=torch.float64, generator=generator)
+    losses = run_tasks_on_threads(run_task, torch.nn.Identity(), {"weight": weight, "bias": bias},
+                                  [images], None, channels_last)
+    assert seen == [[channels_last, channels_last, True]] * 4
+    grads = torch.autograd.grad(losses.sum(), [weight, bias])
+    expected = torch.autograd.grad(sum(torch.nn.functional.conv2d(x, weight, bias).square().mean()
+                                       for x in images), [weight, bias])
+    assert relative_error(grads, expected) < 1e-12
+    assert Threads(channels_last=channels_last).settings()["init_args"]["channels_last"] is channels_last
+    with pytest.raises(ValueError, match="channels_last"):
+        Threads(channels_last="yes")

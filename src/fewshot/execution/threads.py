@@ -177,8 +177,17 @@ class _TasksOnThreads(torch.autograd.Function):
         return (None, None, *totals)
 
 
+def _channels_last(t: Tensor) -> Tensor:
+    """``t`` in oneDNN's preferred layout if it is a 4-d floating-point tensor (a convolution's
+    weight, a batch of images): the same values, other strides."""
+    if t.dim() == 4 and t.is_floating_point():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable: Any,
-                         tasks: Sequence[Tensor], workers: int | None = None) -> Any:
+                         tasks: Sequence[Tensor], workers: int | None = None,
+                         channels_last: bool = False) -> Any:
     """``run_task(model, differentiable, task)`` for every task, on worker threads, stacked
     over the tasks; each task differentiated as soon as it has run (see the module docstring).
 
@@ -192,6 +201,8 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
             its floating-point tensors that require them, as if the tasks had run here.
         tasks: tensors with the task dimension first (an :class:`~fewshot.episode.Episodes`).
         workers: threads to use (default: :func:`default_workers`), at most one per task.
+        channels_last: hand the tasks their 4-d tensors (convolution weights, images) in
+            channels-last layout (same values; see :class:`Threads`).
 
     Returns:
         The pytree of ``run_task`` with every leaf stacked over the tasks (dimension 0).
@@ -216,15 +227,17 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
             own = [v.detach().requires_grad_(v.requires_grad) for v in values] if build_graph \
                 else list(values)
             wanted = [i for i, o in enumerate(own) if build_graph and o.requires_grad]
+            layout = _channels_last if channels_last else (lambda t: t)
             filled = list(leaves)
             for slot, value in zip(slots, own, strict=True):
-                filled[slot] = value
+                filled[slot] = layout(value)  # differentiable: gradients reach ``own``
             mine = pytree.tree_unflatten(filled, spec)
             own_model = shallow_module_copy(model)
             sums: list[Tensor | None] = [None] * len(own)
             used, columns = None, []
             for r in rows:
-                flat, structure = pytree.tree_flatten(run_task(own_model, mine, [t[r] for t in tasks]))
+                task = [layout(t[r]) for t in tasks]
+                flat, structure = pytree.tree_flatten(run_task(own_model, mine, task))
                 if output_spec and output_spec[0] != structure:
                     raise ValueError("every task must return results of the same structure")
                 output_spec[:] = [structure]
@@ -278,13 +291,19 @@ class Threads(Executor):
 
     Args:
         workers: threads to use (default: one per intra-op thread, ``torch.get_num_threads()``).
+        channels_last: run every task with its convolution weights and images in channels-last
+            layout, the one oneDNN's CPU kernels work in (no reorder around every convolution,
+            vectorised max-pooling): the same values and gradients (float64 tests), a faster
+            task (``python benchmarks/second_order_ideas.py``).
     """
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, channels_last: bool = True) -> None:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                     or workers < 1):
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
-        self.workers = workers
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
+        self.workers, self.channels_last = workers, channels_last
 
     def can_run(self, model: nn.Module, differentiable: Differentiable, episodes: Episodes,
                 recomputing: bool = False) -> bool:
@@ -295,7 +314,8 @@ class Threads(Executor):
             episodes: Episodes, recomputing: bool = False) -> TaskResult:
         if not self.can_run(model, differentiable, episodes, recomputing):
             return Loop().run(task, model, differentiable, episodes, recomputing)
-        return run_tasks_on_threads(task, model, differentiable, episodes, self.workers)
+        return run_tasks_on_threads(task, model, differentiable, episodes, self.workers,
+                                    self.channels_last)
 
     def describe(self, device: torch.device, images_per_task: int) -> str:
         return "threads" if device.type == "cpu" and default_workers() > 1 else "loop"
