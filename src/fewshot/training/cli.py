@@ -162,9 +162,7 @@ class FewShotCLI(LightningCLI):
                 looked = getattr(self.trainer.logger, "root_dir", self.trainer.default_root_dir)
                 raise FileNotFoundError(f"--ckpt_path last: no run with these settings in {looked} "
                                         "has a last.ckpt; pass the path of a checkpoint")
-            else:
-                config["ckpt_path"] = None
-        if self.subcommand == "fit" and config.get("ckpt_path"):
+        if self.subcommand == "fit" and config.get("ckpt_path") not in (None, "last"):
             # Say what is resumed (or that it had finished); refuse other settings or formats.
             line, warnings_ = check_resume(
                 Path(config["ckpt_path"]), dict(self.model.hparams),
