@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
@@ -140,9 +139,9 @@ class _TasksOnThreads(torch.autograd.Function):
     backward pass scales the workers' sums, or reruns the tasks whose prediction was off."""
 
     @staticmethod
-    def forward(ctx: Any, run: Callable, pool: ThreadPoolExecutor, *inputs: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, run: Callable, *inputs: Tensor) -> tuple[Tensor, ...]:
         outputs, ctx.shares, ctx.rerun = run(inputs)
-        ctx.pool, ctx.n_inputs = pool, len(inputs)
+        ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
@@ -165,8 +164,9 @@ class _TasksOnThreads(torch.autograd.Function):
 
         wrong = []
         for share in shares:
-            given = grad_losses[share.rows.start:share.rows.stop]
-            scale = None if share.weights is None else scale_between(given, share.weights)
+            if share.weights is None:  # none of its tasks' objectives needed a gradient
+                continue
+            scale = scale_between(grad_losses[share.rows.start:share.rows.stop], share.weights)
             if scale is None:
                 wrong.append(share.rows)
             else:
@@ -174,7 +174,7 @@ class _TasksOnThreads(torch.autograd.Function):
         for sums in ctx.rerun(wrong, grad_losses):
             add(sums)
         ctx.rerun = None
-        return (None, None, *totals)
+        return (None, *totals)
 
 
 def _channels_last(t: Tensor) -> Tensor:
@@ -276,7 +276,7 @@ def run_tasks_on_threads(run_task: TaskRunner, model: nn.Module, differentiable:
         return outputs, [p[1] for p in parts], rerun
 
     if build_graph:
-        outputs = _TasksOnThreads.apply(run, pool, *inputs)
+        outputs = _TasksOnThreads.apply(run, *inputs)
     else:
         outputs, _, _ = run(inputs)
     return pytree.tree_unflatten(list(outputs), output_spec[0])
