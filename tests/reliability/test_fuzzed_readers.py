@@ -27,7 +27,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -103,6 +103,12 @@ def pickles(draw) -> bytes:
 
 
 @given(pickles())
+# Found by the large profile: a frame length beyond any size (OverflowError), and one that
+# asks for an allocation that fails (MemoryError).
+@example(b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x9c\xe9\xcf\x89\x05\xbe6\x00\x8c\x08builtins"
+         b"\x94\x8c\x04eval\x94\x93\x94\x8c\x041+1\x94\x85\x94R\x94.")
+@example(b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x96\x8c\xe8eval]\x06\x94"
+         b"\x8c\x041+1\x94\x85\x94R\x94.")
 def test_the_restricted_pickle_reader(data):
     try:
         load_pickle(io.BytesIO(data), "fuzzed.pkl")
@@ -348,6 +354,9 @@ def _cli_outcome(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @given(configs(), ARGUMENTS)
+# Found by the large profile: settings of the wrong type reaching a class (were tracebacks).
+@example("trainer:\n  devices: null\n  precision: null\n", [])
+@example("data:\n  shots: null\nddp:\n  timeout: null\n", [])
 @settings(max_examples=CLI_EXAMPLES,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_yaml_configs_and_cli_arguments(tmp_path, capsys, config, argv):

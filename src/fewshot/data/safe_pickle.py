@@ -69,7 +69,9 @@ def load_pickle(source: str | Path | IO[bytes], name: str | None = None,
         return _DataOnlyUnpickler(source, label, encoding=encoding).load()
     except UnsafePickleError:
         raise
+    # A damaged length field asks for more bytes than exist (OverflowError, or MemoryError
+    # for the allocation, which fails at once); found by tests/reliability/test_fuzzed_readers.
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as exc:
+            IndexError, KeyError, OverflowError, MemoryError, RecursionError) as exc:
         raise IntegrityError(f"{label} is not a readable pickle ({type(exc).__name__}: {exc}); "
                              "it may be truncated or corrupt") from exc

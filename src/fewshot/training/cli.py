@@ -120,6 +120,14 @@ class FewShotCLI(LightningCLI):
             check_model_settings_kept(self.config[subcommand].get("ckpt_path"), asked,
                                       self.config[subcommand].get("model"))
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except TypeError as error:
+            # A setting of the wrong type reaching a class (a YAML `devices: null`): a user
+            # error saying what, not a traceback (found by tests/reliability/test_fuzzed_readers).
+            raise ValueError(f"invalid settings: {error}") from error
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer", {})

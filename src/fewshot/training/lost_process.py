@@ -40,7 +40,7 @@ class LostProcess(Callback):
     """
 
     def __init__(self, timeout: float = 120.0) -> None:
-        if not timeout > 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"ddp.timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = float(timeout)
         self.lost_ranks: list[int] | None = None
