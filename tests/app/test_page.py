@@ -123,6 +123,14 @@ def test_a_real_task_taught_on_the_page_predicts_as_fewshot_adapt(driver, tmp_pa
         main(["predict", "--checkpoint", str(downloaded), "--query", str(query),
               "--output", str(tmp_path / "again.json")])
         assert json.loads((tmp_path / "again.json").read_text())["predictions"] == cli
+        # One at a time on the page is --one-at-a-time on the command line.
+        page._after("predictCount", lambda: page.find("#one-at-a-time").click())
+        assert "one image at a time" in page.find("#batching").text
+        main(["adapt", "--checkpoint", "omniglot-5way-1shot", "--support", str(support),
+              "--query", str(query), "--one-at-a-time", "--output", str(tmp_path / "alone.json")])
+        alone = json.loads((tmp_path / "alone.json").read_text())["predictions"]
+        np.testing.assert_allclose([row["probability"] for row in page.predictions()],
+                                   [r["probability"] for r in alone], rtol=0, atol=1e-6)
 
 
 def test_every_bad_input_gets_a_message_and_the_server_keeps_serving(driver, tmp_path):
