@@ -114,3 +114,12 @@ def test_fit_keeps_the_best_k_and_tests_their_ensemble(fake_omniglot, tmp_path, 
     first, second = (json.loads(next(d.rglob("test_results.json")).read_text()) for d in (alone, one))
     assert first["per_step"] == second["per_step"]
     assert "ensemble" not in first and second["ensemble"][0]["checkpoint"] == str(kept[0])
+
+
+def test_a_regression_model_is_not_ensembled(tmp_path):
+    from fewshot.models import MLP
+    from fewshot.training.ensemble import load_members
+
+    regression = MetaLearner(MLP(), task="regression")
+    with pytest.raises(ValueError, match="regression"):
+        load_members([tmp_path / "x.ckpt"], like=regression)

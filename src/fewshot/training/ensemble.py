@@ -62,6 +62,9 @@ def ensemble_paths(specs: Sequence[str], kept: Sequence[str | Path] = (),
 def load_members(paths: Sequence[Path], like: MetaLearner) -> list[MetaLearner]:
     """Each checkpoint as a :class:`MetaLearner` on ``like``'s device, in evaluation mode,
     checked to score the same tasks the same way (ways and evaluation steps)."""
+    if getattr(like, "regression", False):
+        raise ValueError("--ensemble averages class probabilities, which a regression model "
+                         "(sine waves) does not predict; test its checkpoints one at a time")
     members = []
     for path in paths:
         member = type(like).load_from_checkpoint(path, map_location=like.device,
