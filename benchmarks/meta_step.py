@@ -25,7 +25,7 @@ each round) so machine noise hits all rows alike; the table shows median times, 
 is the median of the per-round ratios (row against peer in the same round): ``vs best`` against
 the faster learn2learn row of the same order, ``vs l2l`` against learn2learn's plain loop.
 FLOPs: matmuls and convolutions of one meta-step (``torch.utils.flop_counter``, counted on the
-single-threaded equivalent of each row), achieved GFLOP/s and the fraction of the float32 peak
+per-task loop of the row's library and order: the useful work every row of it does), achieved GFLOP/s and the fraction of the float32 peak
 of a large matmul on the same intra-op threads (benchmarks/flops.py). Peak memory: CUDA's max_memory_allocated, or on the CPU the
 growth of the resident set. The comparison libraries come from ``.bench-deps`` (fetch them with
 ``python benchmarks/bench_deps.py``); without them only fewshot's rows run. ``--extra`` adds
@@ -178,6 +178,15 @@ def rows_for(s: Setting, device: torch.device, peers: dict, chunk_size: int,
 LEARN2LEARN_THREADS = "learn2learn threads"
 
 
+def counted_run(row: Row) -> Callable:
+    """What the FLOP counter runs for ``row``: the useful arithmetic of its library's per-task
+    loop (worker threads escape the counter's mode; under it ``Auto`` would pick vmap, whose
+    batched calls the counter does not count as the per-task work they are)."""
+    if row.counted is not None or row.peer is not None:
+        return row.counted or row.run
+    return lambda m, e, steps, lr: fewshot_step(m, e, steps, lr, row.first_order, Loop())
+
+
 def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
     # One relative error over the whole meta-gradient: per tensor it would be dominated by the
     # conv biases, whose true gradient is zero (batch norm removes them).
@@ -226,7 +235,7 @@ def benchmark(s: Setting, args, device: torch.device, peers: dict) -> list[dict]
     for row in rows:
         _, memory[row.name] = peak_memory_mib(
             lambda row=row: row.run(peer if row.peer else model, episodes, s.steps, s.inner_lr), device)
-        flops[row.name] = count_flops(lambda row=row: (row.counted or row.run)(
+        flops[row.name] = count_flops(lambda row=row: counted_run(row)(
             peer if row.peer else model, episodes, s.steps, s.inner_lr))
     seconds: dict[str, list[float]] = {row.name: [] for row in rows}
     for repeat in range(args.repeats):
