@@ -138,7 +138,7 @@ def rows_for(s: Setting, device: torch.device, peers: dict, chunk_size: int,
         Row("fewshot loop", False, None, fs(False, Loop())),
         Row("fewshot vmap", False, None, fs(False, Vmap())),
         *([Row("fewshot threads", False, None, fs(False, Threads())),
-           Row("fewshot threads NCHW", False, None, fs(False, Threads(channels_last=False)))]
+           Row("fewshot threads channels_last", False, None, fs(False, Threads(channels_last=True)))]
           if device.type == "cpu" else []),  # elsewhere threads fall back to the loop
         Row(f"fewshot auto ({auto})", False, None, fs(False, Auto())),
         Row(f"fewshot vmap chunk={min(chunk_size, max(1, s.tasks // 2))}", False, None,
