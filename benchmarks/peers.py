@@ -5,6 +5,8 @@ no running statistics, so every forward pass normalises with its own batch as fe
 Each follows its library's own MAML example: a per-task loop that adapts a clone, then calls
 ``backward`` on the task's query loss, the meta-gradient accumulating in ``.grad``; the sum is
 divided by the number of tasks, giving the gradient of the mean query loss.
+:func:`learn2learn_threaded_step` is the best a learn2learn user can do on a multi-core CPU: the
+same loop with the tasks split over worker threads of one intra-op thread each.
 """
 
 from __future__ import annotations
