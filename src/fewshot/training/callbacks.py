@@ -80,6 +80,7 @@ class Throughput(Callback):
         self._last: float | None = None
         self._elapsed_before = 0.0  # wall time of earlier runs this one resumes
         self._started: float | None = None
+        self.trained = False  # whether this process meta-trained (fit ran)
 
     def elapsed(self) -> float:
         """Wall seconds of meta-training so far, earlier runs of a resumed fit included."""
@@ -88,6 +89,11 @@ class Throughput(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
+        self.trained = True
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The clock stops with meta-training: a test after fit is not training time.
+        self._elapsed_before, self._started = self.elapsed(), None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last = None  # validation in between would distort the rate
@@ -123,7 +129,7 @@ def training_record(trainer: Trainer) -> dict[str, float | int | None]:
     """Meta-iterations trained and the wall time of meta-training (None when this process did
     not train: ``fewshot test`` of a saved checkpoint)."""
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
-    trained = throughput is not None and throughput._started is not None
+    trained = throughput is not None and throughput.trained
     return {"meta_iterations": trainer.global_step,
             "wall_time_s": round(throughput.elapsed(), 1) if trained else None}
 
