@@ -54,3 +54,12 @@ def test_elapsed_time_is_logged_every_step_and_carries_over_a_resume(monkeypatch
     resumed.on_fit_start(trainer, module)                  # 200.0
     resumed.on_train_batch_end(trainer, module, None, batch, 0)  # elapsed at 201.5
     assert module.logged["train/elapsed_s"] == pytest.approx(101.5)
+
+
+def test_the_training_clock_stops_at_the_end_of_fit(monkeypatch):
+    clock = iter([10.0, 25.0, 100.0])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    throughput, trainer, module = Throughput(), SimpleNamespace(), Recorder()
+    throughput.on_fit_start(trainer, module)   # 10.0
+    throughput.on_fit_end(trainer, module)     # 25.0: 15 s of training
+    assert throughput.trained and throughput.elapsed() == pytest.approx(15.0)  # not 90 s later
