@@ -167,6 +167,60 @@ def test_anil_with_learned_rates_learns_them_for_the_head_only():
     assert all(grads[f"algorithm.{n}"].abs().sum() > 0 for n in anil.meta_parameters())
 
 
+def test_zero_head_starts_every_task_from_a_zero_head_weight_and_ignores_the_stored_one():
+    network, algorithm = built(MAML(inner_steps=1, inner_lr=LR, eval_inner_steps=2, zero_head=True))
+    batch = episodes()
+    params = dict(network.named_parameters())
+    unadapted = algorithm.adapt(network, params, batch.support_x[0], batch.support_y[0], steps=0)
+    assert torch.equal(unadapted.params["head.weight"], torch.zeros_like(network.head.weight))
+    loss, _, grads = meta_gradient(algorithm, network, batch)
+    with torch.no_grad():
+        network.head.weight.normal_()  # the stored head weight plays no part
+    loss_again, _, grads_again = meta_gradient(algorithm, network, batch)
+    assert torch.equal(loss, loss_again)
+    assert all(torch.equal(grads[n], grads_again[n]) for n in grads)
+    assert torch.equal(grads["network.head.weight"], torch.zeros_like(network.head.weight))
+    assert grads["network.features.blocks.0.weight"].abs().sum() > 0  # the body is meta-learned
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("inner_optimizer", [None, Adam()], ids=["sgd", "adam"])
+def test_zero_head_equals_maml_from_a_zero_head_and_its_first_step_skips_only_zeros(steps, inner_optimizer):
+    """The shortcut (the first step differentiates the head only) changes nothing: loss and
+    meta-gradients equal plain MAML started from a zeroed head weight, in float64."""
+    rate = LR if inner_optimizer is None else 0.01
+    network, zeroed = built(MAML(inner_steps=steps, inner_lr=rate, zero_head=True), inner_optimizer)
+    assert zeroed.inner_loop().first_step_adapts == {"head.weight", "head.bias"}
+    plain_network, plain = built(MAML(inner_steps=steps, inner_lr=rate), inner_optimizer)
+    with torch.no_grad():
+        plain_network.head.weight.zero_()
+    batch = episodes()
+    loss, results, grads = meta_gradient(zeroed, network, batch)
+    plain_loss, plain_results, plain_grads = meta_gradient(plain, plain_network, batch)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=0)
+    for name, grad in plain_grads.items():
+        if name != "network.head.weight":
+            torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-13, msg=name)
+    # The first update's inner gradient is the head's alone, and its norm says so.
+    torch.testing.assert_close(results.diagnostics["inner_grad_norm/step_0"],
+                               plain_results.diagnostics["inner_grad_norm/step_0"])
+
+
+def test_zero_head_with_one_step_adapts_the_head_only():
+    network, algorithm = built(MAML(inner_steps=1, inner_lr=LR, eval_inner_steps=1, zero_head=True))
+    batch = episodes(tasks=1)
+    params = dict(network.named_parameters())
+    adapted = algorithm.adapt(network, params, batch.support_x[0], batch.support_y[0])
+    # (The bias moves by the support's mean of softmax minus one-hot: zero for balanced classes.)
+    for name, p in params.items():
+        assert torch.equal(adapted.params[name], p.detach()) == (name != "head.weight"), name
+
+
+def test_zero_head_needs_a_linear_head():
+    with pytest.raises(ValueError, match="zero_head.*head.weight"):
+        MAML(zero_head=True).build(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 CONFIGURATIONS = {
     "meta_sgd": lambda fo: (MetaSGD(2, LR, first_order=fo), None),
     "anil": lambda fo: (ANIL(2, LR, first_order=fo), None),
@@ -174,6 +228,7 @@ CONFIGURATIONS = {
     "lslr_adam": lambda fo: (MAML(2, 0.01, first_order=fo, learned_rates="per_tensor"), Adam()),
     "momentum_clipped": lambda fo: (MAML(2, LR, first_order=fo, inner_max_grad_norm=1.0),
                                     Momentum(0.9)),
+    "zero_head": lambda fo: (MAML(2, LR, first_order=fo, zero_head=True), None),
 }
 
 
@@ -216,7 +271,8 @@ def test_build_installs_the_inner_optimizer_and_clipping():
 
 
 @pytest.mark.parametrize("algorithm", [
-    MAML(2, 0.3, 3, 0.2, True, "none", 1.5), ANIL(1, 0.4, learned_rates="per_entry"),
+    MAML(2, 0.3, 3, 0.2, True, "none", 1.5), MAML(1, zero_head=True),
+    ANIL(1, 0.4, learned_rates="per_entry"),
     MetaSGD(3, 0.1, 5, True, "per_tensor"), Reptile(4, 0.2, 8, 0.1), ProtoNet(),
     MAMLPlusPlus(3, 0.1, multi_step_loss_epochs=4, first_order_epochs=7, batch_norm="transductive"),
 ], ids=lambda a: type(a).__name__)

@@ -16,6 +16,7 @@ from fewshot.core.inner_optimizers import SGD, Adam, Momentum
 # (id, algorithm, inner optimizer, learned-rate tensors in the export)
 CASES = [
     ("maml", lambda: MAML(inner_steps=2, inner_lr=0.3, eval_inner_steps=3), SGD, 0),
+    ("maml-zero-head", lambda: MAML(inner_steps=1, inner_lr=0.3, eval_inner_steps=2, zero_head=True), SGD, 0),
     ("maml-adam", lambda: MAML(inner_steps=1, inner_lr=0.01), lambda: Adam(0.8, 0.99, 1e-3, False), 0),
     # All five fixes on: learned per-tensor rates, per-step batch-norm weights and statistics.
     ("mamlpp", lambda: MAMLPlusPlus(inner_steps=2, inner_lr=0.2), SGD, 18),

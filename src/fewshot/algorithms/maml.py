@@ -48,6 +48,13 @@ class MAML(Algorithm):
         learned_rates: ``none``, ``per_tensor`` (LSLR) or ``per_entry`` (Meta-SGD), learned
             for the adapted parameters only, one set per inner step.
         inner_max_grad_norm: clip each task's inner gradient to this 2-norm (None: off).
+        zero_head: the zeroing trick (Kao, Chiu & Chen, "MAML is a Noisy Contrastive Learner
+            in Classification", ICLR 2022): every task starts from a zero head weight instead
+            of a meta-learned one, so the first inner step turns the head into a
+            prototype-like classifier of the support features. The first step then has no
+            gradient for the layers before the head and computes none (exact, and cheaper:
+            with one inner step the body is not adapted at all). The head's stored weight
+            is unused.
 
     Example:
         >>> import torch
@@ -71,6 +78,7 @@ class MAML(Algorithm):
         first_order: bool = False,
         learned_rates: LearnedRates = "none",
         inner_max_grad_norm: float | None = None,
+        zero_head: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
@@ -89,6 +97,9 @@ class MAML(Algorithm):
         self.inner_steps, self.inner_lr = inner_steps, float(inner_lr)
         self.eval_inner_steps, self.eval_inner_lr = eval_inner_steps, eval_inner_lr
         self.first_order, self.learned_rates = bool(first_order), learned_rates
+        self.zero_head = bool(zero_head)
+        self._zeroed: frozenset[str] = frozenset()
+        self._first_step_adapts: frozenset[str] | None = None
         self.inner_max_grad_norm = inner_max_grad_norm
         self._adapted: frozenset[str] | None = None
         self._loss: Loss = F.cross_entropy
@@ -107,6 +118,14 @@ class MAML(Algorithm):
         # The network says how its outputs are scored: a regressor (fewshot.models.
         # FewShotRegressor) by mean squared error, a classifier by cross-entropy.
         self._loss = getattr(network, "task_loss", F.cross_entropy)
+        if self.zero_head:
+            head = getattr(network, "head_parameter_names", None)
+            weight = "head.weight"
+            if head is None or weight not in head():
+                raise ValueError("zero_head starts every task from a zero linear head: the "
+                                 "network needs a head.weight in head_parameter_names() "
+                                 "(fewshot.models.FewShotClassifier has it)")
+            self._zeroed, self._first_step_adapts = frozenset({weight}), head()
         if self.learned_rates == "none":
             return
         for name, p in network.named_parameters():
@@ -140,7 +159,8 @@ class MAML(Algorithm):
         return {n: r.detach() for n, r in rates.items()} if detach else rates
 
     def inner_loop(self) -> InnerLoop:
-        return InnerLoop(self.inner_optimizer, self.inner_max_grad_norm, self._adapted, self._loss)
+        return InnerLoop(self.inner_optimizer, self.inner_max_grad_norm, self._adapted, self._loss,
+                         self._zeroed, self._first_step_adapts)
 
     def _rates(self, own: Params, training: bool) -> LearningRate:
         if self.learned_rates != "none":
@@ -184,7 +204,8 @@ class MAML(Algorithm):
                            support_y: Tensor, query_x: Tensor) -> Tensor:
         # The updates of evaluation (first order, the evaluation rates), each taken once.
         rate = self._rates(self.meta_parameters(detach=True), training=False)
-        params, state, rows = {n: p.detach() for n, p in params.items()}, None, []
+        inner = self.inner_loop()
+        params, state, rows = inner.starting_point({n: p.detach() for n, p in params.items()}), None, []
         for step in range(self.evaluation_steps + 1):
             with torch.no_grad():
                 rows.append(predict(network, params, query_x, step).softmax(dim=-1))
@@ -192,6 +213,6 @@ class MAML(Algorithm):
                 break
             with torch.enable_grad():
                 params, state, _, _ = inner_update(network, params, support_x, support_y, rate,
-                                                   True, step, self.inner_loop(), state)
+                                                   True, step, inner, state)
             params = {n: p.detach() for n, p in params.items()}
         return torch.stack(rows)

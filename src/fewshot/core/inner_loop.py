@@ -77,13 +77,31 @@ class InnerLoop(NamedTuple):
     see :mod:`fewshot.core.inner_optimizers`); ``max_grad_norm``: clip each task's inner
     gradient to this 2-norm; ``adapted``: names of the parameters the inner loop updates
     (``None``: all; ANIL adapts the head only); ``loss``: of the support and query sets
-    (cross-entropy by default).
+    (cross-entropy by default); ``start_at_zero``: parameters every task starts from zero
+    instead of their meta-learned value (the zeroing trick's head weight);
+    ``first_step_adapts``: the only parameters whose support gradient the first update
+    computes, the others' being exactly zero (``None``: all). Zeroing the linear head's weight
+    makes the first support gradient of every layer before the head zero, since it reaches
+    them through that weight, so the first update need not differentiate them.
     """
 
     optimizer: InnerOptimizer = SGD()
     max_grad_norm: float | None = None
     adapted: frozenset[str] | None = None
     loss: Loss = F.cross_entropy
+    start_at_zero: frozenset[str] = frozenset()
+    first_step_adapts: frozenset[str] | None = None
+
+    def starting_point(self, params: Params) -> Params:
+        """``params`` with the ``start_at_zero`` ones replaced by constant zeros."""
+        if not self.start_at_zero:
+            return params
+        missing = self.start_at_zero - params.keys()
+        if missing:
+            raise KeyError(f"the inner loop should start {sorted(missing)} at zero, which the "
+                           "model lacks")
+        return {**params, **{n: torch.zeros_like(params[n], requires_grad=False)
+                             for n in self.start_at_zero}}
 
     def split(self, params: Params) -> tuple[Params, Params]:
         """``params`` as (adapted by the inner loop, left as they are)."""
@@ -159,7 +177,16 @@ def inner_update(
     adapted, frozen = inner.split(params)
     if state is None:
         state = inner.optimizer.init(adapted)
-    grads, statistics = _support_gradients(model, inner, step, adapted, frozen, x, y, first_order)
+    if step == 0 and inner.first_step_adapts is not None:
+        # The others' gradients are exactly zero (see InnerLoop): differentiate only these.
+        live = {n: p for n, p in adapted.items() if n in inner.first_step_adapts}
+        still = {n: p for n, p in adapted.items() if n not in inner.first_step_adapts}
+        grads, statistics = _support_gradients(model, inner, step, live, {**frozen, **still},
+                                                x, y, first_order)
+        grads = {n: grads[n] if n in grads else torch.zeros_like(p) for n, p in adapted.items()}
+    else:
+        grads, statistics = _support_gradients(model, inner, step, adapted, frozen, x, y,
+                                               first_order)
     # Observability: the inner gradient's 2-norm per step (vanishing or exploding adaptation).
     norm = torch.sqrt(sum(g.detach().square().sum() for g in grads.values()))
     directions, state = inner.optimizer.direction(
@@ -186,7 +213,7 @@ def adapt(
     inner: InnerLoop = PLAIN_SGD,
 ) -> Params:
     """Fine-tune ``params`` on one task's support set: ``steps`` inner updates of size ``lr``."""
-    state = None
+    params, state = inner.starting_point(params), None
     for step in range(steps):
         params, state, _, _ = inner_update(model, params, support_x, support_y, lr, first_order,
                                            step, inner, state)
@@ -246,6 +273,7 @@ def task_query_metrics(
         0..steps steps) if ``every_step``, else ``[1]`` (after the last step).
     """
     losses, accuracies, diagnostics, recorded, state = [], [], {}, {}, None
+    params = inner.starting_point(params)
     for step in range(steps + 1):
         if every_step or step == steps:
             with recording_statistics() as query_statistics:
