@@ -13,7 +13,8 @@ from fewshot.models.registry import (
 )
 from fewshot.models.regressor import FewShotRegressor
 from fewshot.models.resnet12 import ResNet12
+from fewshot.models.with_head import FeaturesWithHead
 
-__all__ = ["BACKBONES", "BackboneError", "Conv4", "FewShotClassifier", "FewShotRegressor",
+__all__ = ["BACKBONES", "BackboneError", "Conv4", "FeaturesWithHead", "FewShotClassifier", "FewShotRegressor",
            "MLP", "ResNet12",
            "TransductiveBatchNorm2d", "backbone_settings", "build_backbone", "register_backbone"]

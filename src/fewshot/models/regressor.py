@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+from fewshot.models.with_head import FeaturesWithHead
 
 
-class FewShotRegressor(nn.Module):
+class FewShotRegressor(FeaturesWithHead):
     """A feature extractor followed by a linear head of ``outputs`` real values per input.
 
     Laid out as :class:`~fewshot.models.FewShotClassifier` (``features.*``, ``head.*``), so the
@@ -29,20 +31,6 @@ class FewShotRegressor(nn.Module):
     task_loss = staticmethod(F.mse_loss)
 
     def __init__(self, features: nn.Module, outputs: int = 1) -> None:
-        super().__init__()
         if outputs < 1:
             raise ValueError(f"a regression head needs at least 1 output, got outputs={outputs}")
-        self.features = features
-        self.head = nn.Linear(features.out_features, outputs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x: [batch, ...] -> [batch, outputs]``."""
-        return self.head(self.features(x))
-
-    def head_parameter_names(self) -> frozenset[str]:
-        """Names (as in ``named_parameters``) of the head's parameters: what ANIL adapts."""
-        return frozenset(f"head.{name}" for name, _ in self.head.named_parameters())
-
-    def features_parameter_names(self) -> frozenset[str]:
-        """Names of the feature extractor's parameters."""
-        return frozenset(f"features.{name}" for name, _ in self.features.named_parameters())
+        super().__init__(features, outputs)
