@@ -7,7 +7,9 @@ The data root is ``--data_root``, else ``$FEWSHOT_OMNIGLOT_ROOT``, else ``../sha
 beside the repository. Training stops at the time budget (Lightning's ``max_time``, counted from
 the start of fitting, after the images are decoded); the checkpoint with the best validation
 accuracy is then tested. Every validation is clocked, so the table also says when validation
-accuracy first reached ``--target``, if given. Runs on whatever device Lightning picks (a GPU
+accuracy first reached ``--target``, if given. The config's ``trainer.max_steps`` still
+applies (2,200 for the CPU config, whose learning-rate schedule spans them): for a longer
+budget raise it too, ``--trainer.max_steps=N``. Runs on whatever device Lightning picks (a GPU
 if there is one; ``--trainer.accelerator=cpu`` forces the CPU). Extra ``--section.option=value``
 arguments go to the fewshot CLI. ``benchmarks/time_to_accuracy.py`` is this script with
 device-dependent defaults. Last line: one JSON object.

@@ -235,6 +235,33 @@ def test_a_shipped_config_pointed_at_the_users_folders(config, tmp_path):
     assert cli.datamodule.val_set.dataset.classes == [f"Val{c}" for c in range(5)]
 
 
+def test_the_cpu_config_meta_trains_from_a_zero_head_on_a_schedule(fake_omniglot, tmp_path):
+    """The shipped CPU config's levers reach training: zero_head (the stored head weight gets
+    no gradient and never moves while the body learns), 2 steps at test, cosine annealing."""
+    from fewshot.training.schedules import CosineAnnealing
+
+    root, cache = fake_omniglot
+    config = Path(__file__).parents[2] / "configs" / "omniglot_5way_1shot_cpu.yaml"
+    cli = build_cli(["-c", str(config), f"--data.root={root}", f"--data.cache_dir={cache}",
+                     "--data.ways=3", "--data.meta_batch_size=2", "--data.val_episodes=2",
+                     "--data.eval_queries=2", "--model.backbone.init_args.hidden_channels=4",
+                     "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                     f"--trainer.default_root_dir={tmp_path}",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}",
+                     "--trainer.enable_progress_bar=false"], run=False)
+    algorithm = cli.model.algorithm
+    assert algorithm.zero_head and algorithm.evaluation_steps == 2 and algorithm.inner_steps == 1
+    network = cli.model.network
+    before = {n: p.detach().clone() for n, p in network.named_parameters()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3
+    assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, CosineAnnealing)
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.002
+    after = dict(network.named_parameters())
+    assert torch.equal(after["head.weight"], before["head.weight"])
+    assert not torch.equal(after["features.blocks.0.weight"], before["features.blocks.0.weight"])
+
+
 @pytest.mark.parametrize("own_save_dir", [False, True])
 def test_default_root_dir_moves_logs_and_checkpoints(fake_omniglot, tmp_path, monkeypatch,
                                                     own_save_dir):
