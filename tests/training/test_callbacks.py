@@ -63,3 +63,16 @@ def test_the_training_clock_stops_at_the_end_of_fit(monkeypatch):
     throughput.on_fit_start(trainer, module)   # 10.0
     throughput.on_fit_end(trainer, module)     # 25.0: 15 s of training
     assert throughput.trained and throughput.elapsed() == pytest.approx(15.0)  # not 90 s later
+
+
+def test_testing_the_best_checkpoint_after_fit_keeps_the_whole_training_time(monkeypatch):
+    clock = iter([10.0, 70.0])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    throughput, trainer, module = Throughput(), SimpleNamespace(), Recorder()
+    throughput.on_fit_start(trainer, module)   # 10.0
+    throughput.on_fit_end(trainer, module)     # 70.0: 60 s of training
+    throughput.load_state_dict({"elapsed_s": 25.0})  # the best checkpoint, saved at 25 s
+    assert throughput.elapsed() == pytest.approx(60.0)
+    fresh = Throughput()  # a resume or a test in a new process takes the checkpoint's clock
+    fresh.load_state_dict({"elapsed_s": 25.0})
+    assert fresh.elapsed() == pytest.approx(25.0)

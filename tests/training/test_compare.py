@@ -94,3 +94,16 @@ def test_runs_that_logged_no_time_have_none(tmp_path):
                              seconds_per_step=None, steps=3))
     assert run.wall_time_s is None and run.at_time("val/acc") == []
     assert run_row(run)["wall_minutes"] is None
+
+
+def test_wall_time_is_the_logged_one_and_the_recorded_one_only_without_a_log(tmp_path):
+    """A test that loaded an early best checkpoint once recorded that checkpoint's time (and
+    earlier runs counted the test too): the log written while training is what counts."""
+    for name, seconds_per_step in (("logged", 6.0), ("unlogged", None)):
+        folder = write_run(tmp_path / name, accuracy=0.9, validation=[(4, 0.7)],
+                           seconds_per_step=seconds_per_step)
+        results = json.loads((folder / "test_results.json").read_text())
+        results["training"] = {"meta_iterations": 10, "wall_time_s": 25.0}
+        (folder / "test_results.json").write_text(json.dumps(results))
+    assert read_run(tmp_path / "logged").wall_time_s == pytest.approx(60.0)
+    assert read_run(tmp_path / "unlogged").wall_time_s == pytest.approx(25.0)

@@ -81,6 +81,7 @@ class Throughput(Callback):
         self._elapsed_before = 0.0  # wall time of earlier runs this one resumes
         self._started: float | None = None
         self.trained = False  # whether this process meta-trained (fit ran)
+        self._fit_ended = False
 
     def elapsed(self) -> float:
         """Wall seconds of meta-training so far, earlier runs of a resumed fit included."""
@@ -94,6 +95,7 @@ class Throughput(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The clock stops with meta-training: a test after fit is not training time.
         self._elapsed_before, self._started = self.elapsed(), None
+        self._fit_ended = True
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last = None  # validation in between would distort the rate
@@ -122,7 +124,11 @@ class Throughput(Callback):
         return {"elapsed_s": self.elapsed()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._elapsed_before = float(state_dict.get("elapsed_s", 0.0))
+        # A resumed fit carries on from the checkpoint's clock (restored before or, with some
+        # strategies, just after on_fit_start); a test after this process's fit loads the
+        # best checkpoint, which must not turn the clock back to its time.
+        if not self._fit_ended:
+            self._elapsed_before = float(state_dict.get("elapsed_s", 0.0))
 
 
 def training_record(trainer: Trainer) -> dict[str, float | int | None]:

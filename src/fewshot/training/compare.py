@@ -29,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fewshot.training.runs import Run  # noqa: E402
 
 GRADIENT_NORM = "meta_grad/grad_2.0_norm_total"
-NOTES = ("Wall time: of meta-training, validation included (`test_results.json`, else the "
-         "last `train/elapsed_s` or `val/elapsed_s` logged; -: a run made before fewshot "
-         "logged it). |g|: the logged total meta-gradient 2-norm (-: none logged). "
+NOTES = ("Wall time: of meta-training from the start of fit, validation included (the last "
+         "`train/elapsed_s` or `val/elapsed_s` logged, else `test_results.json`; -: a run made "
+         "before fewshot recorded it). |g|: the logged total meta-gradient 2-norm (-: none logged). "
          "Non-finite steps: meta-steps skipped by `--nonfinite.policy skip`.")
 
 

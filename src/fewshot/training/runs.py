@@ -91,13 +91,19 @@ class Run:
 
     @property
     def wall_time_s(self) -> float | None:
-        """Wall seconds of meta-training (validation included): as recorded at test time,
-        else the latest ``train/elapsed_s`` or ``val/elapsed_s`` logged; None without them."""
-        if self.training.get("wall_time_s") is not None:
-            return float(self.training["wall_time_s"])
+        """Wall seconds of meta-training (validation included): the latest ``train/elapsed_s``
+        or ``val/elapsed_s`` logged, else as recorded at test time; None without either.
+
+        The log comes first: it is written while training, whereas ``test_results.json`` of
+        runs made before the clock was fixed counted the test after fit, or turned back to the
+        time of the best checkpoint that the test loaded."""
         elapsed = [v for name in ("train/elapsed_s", "val/elapsed_s")
                    for _, v in self.series.get(name, [])]
-        return max(elapsed) if elapsed else None
+        if elapsed:
+            return max(elapsed)
+        if self.training.get("wall_time_s") is not None:
+            return float(self.training["wall_time_s"])
+        return None
 
     def at_time(self, name: str) -> list[tuple[float, float]]:
         """``(seconds, value)`` of a series: each step's time is that of the nearest step at or
