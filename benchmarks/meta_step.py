@@ -271,6 +271,11 @@ def benchmark(s: Setting, args, device: torch.device, peers: dict) -> list[dict]
             "seconds": medians[row.name], "tasks_per_s": s.tasks / medians[row.name],
             "ratio_to_learn2learn": paired(loop_peer, row.name),
             "best_peer": best_peer, "ratio_to_best_peer": paired(best_peer, row.name),
+            # A first-order row against the best *second-order* peer: what fewshot would reach
+            # if its second-order term cost nothing, the ceiling of any cheaper mathematics
+            # for that term.
+            "ratio_to_best_second_order_peer": (paired(fastest_peer(False), row.name)
+                                                if row.first_order else None),
             "peak_memory_mib": memory[row.name],
             "gflop": flops[row.name] / 1e9, "gflop_per_s": gflops,
             "fraction_of_peak": gflops / args.peak_gflops,
@@ -300,6 +305,11 @@ def print_table(s: Setting, results: list[dict], device: torch.device, repeats: 
     best = {r["best_peer"] for r in results if r["best_peer"]}
     if best:
         print(f"vs best: against the faster learn2learn row of the same order ({', '.join(sorted(best))})")
+    for r in results:
+        if r.get("ratio_to_best_second_order_peer") and r["row"].startswith("fewshot"):
+            print(f"ceiling: {r['row']} against the best second-order peer "
+                  f"{r['ratio_to_best_second_order_peer']:.2f}x (a second-order term costing "
+                  "nothing could reach no more)")
 
 
 def main() -> None:
