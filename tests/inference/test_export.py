@@ -83,7 +83,8 @@ def test_export_metadata_holds_everything_needed_to_rebuild_the_model(run, expor
     assert "hyper_parameters" not in metadata and metadata["ways"] == TRAINED_WAYS
     assert metadata["algorithm"] == {"class_path": "fewshot.algorithms.maml.MAML", "init_args": {
         "inner_steps": 1, "inner_lr": 0.4, "eval_inner_steps": 2, "eval_inner_lr": None,
-        "first_order": False, "learned_rates": "none", "inner_max_grad_norm": None}}
+        "first_order": False, "learned_rates": "none", "inner_max_grad_norm": None,
+        "zero_head": False}}
     assert metadata["inner_optimizer"] == {"class_path": "fewshot.core.inner_optimizers.sgd.SGD",
                                            "init_args": {}}
     assert metadata["preprocessing"] == {"channels": 1, "image_size": 28, "invert": True,
